@@ -1,0 +1,5 @@
+"""Allow ``python -m fedpneumo``."""
+
+from fedpneumo.cli import main
+
+main()

@@ -1,0 +1,253 @@
+"""Engines, sessions and schema migrations: the one place that commits."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+DATABASE_URL_ENV = "DATABASE_URL"
+DEFAULT_SQLITE_NAME = "fedpneumo.db"
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Writers wait this long for SQLite's lock instead of failing "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+class DatabaseError(RuntimeError):
+    """A database problem reported to users in one line, password masked."""
+
+
+def default_database_url(outputs_dir: str | Path = "outputs") -> str:
+    """Return ``DATABASE_URL`` when set, else the SQLite file under outputs_dir."""
+    env = os.environ.get(DATABASE_URL_ENV)
+    if env:
+        return env
+    path = Path(outputs_dir).expanduser().resolve() / DEFAULT_SQLITE_NAME
+    return f"sqlite:///{path}"
+
+
+def mask_url(url: str) -> str:
+    """Return the URL with its password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def normalize_url(url: str) -> str:
+    """Return the URL with the PostgreSQL driver we ship (psycopg2) made explicit.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which is not
+    installed; ``postgres://`` (common in hosted offerings) is accepted too.
+    """
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
+def backend_of(url: str) -> str:
+    """Return the backend name (``sqlite`` or ``postgresql``) of a URL, or raise."""
+    try:
+        backend = make_url(normalize_url(url)).get_backend_name()
+    except ArgumentError:
+        raise DatabaseError(
+            f"database URL {mask_url(url)!r} is not a valid URL; expected "
+            "sqlite:///path/to/file.db or postgresql://user:password@host:5432/db"
+        ) from None
+    if backend not in SUPPORTED_BACKENDS:
+        raise DatabaseError(
+            f"database backend {backend!r} is not supported; use one of: "
+            + ", ".join(SUPPORTED_BACKENDS)
+        )
+    return backend
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        # Let SQLAlchemy's "begin" event own transactions (pysqlite's default
+        # deferred BEGIN can deadlock two writers that both read first).
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        # Without this SQLite silently accepts orphan rows.
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+        # Take the write lock up front so waiting uses the busy timeout.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_ENGINES: dict[tuple[int, str], Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(url: str) -> Engine:
+    """Return this process's engine for a URL, creating it on first use.
+
+    Engines are cached per process id: Ray actors and forked workers build
+    their own pool instead of sharing sockets with the parent.
+    """
+    key = (os.getpid(), url)
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _create_engine(url)
+            _ENGINES[key] = engine
+        return engine
+
+
+def _create_engine(url: str) -> Engine:
+    backend = backend_of(url)
+    url = normalize_url(url)
+    if backend == "sqlite":
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, pool_pre_ping=True)
+        _configure_sqlite(engine)
+    else:
+        engine = create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=2,
+            max_overflow=3,
+            connect_args={"connect_timeout": 10},
+        )
+    log.debug("created engine for %s", mask_url(url))
+    return engine
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection of this process."""
+    with _ENGINES_LOCK:
+        for (pid, _), engine in list(_ENGINES.items()):
+            if pid == os.getpid():
+                engine.dispose()
+        _ENGINES.clear()
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """Provide a transactional scope: commit on success, roll back on error."""
+    session = sessionmaker(bind=engine, expire_on_commit=False)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def describe_error(exc: BaseException, url: str) -> str:
+    """Return a one-line, password-free description of a database failure."""
+    if isinstance(exc, DatabaseError):
+        return str(exc)
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        password = None
+    if password:
+        first = first.replace(str(password), "***")
+    lowered = first.lower()
+    if "password authentication failed" in lowered:
+        reason = "wrong user name or password"
+    elif "connection refused" in lowered or "could not connect" in lowered:
+        reason = "server unreachable (connection refused)"
+    elif "could not translate host name" in lowered or "timeout expired" in lowered:
+        reason = "server unreachable"
+    elif "does not exist" in lowered and "database" in lowered:
+        reason = "database does not exist"
+    elif "unable to open database file" in lowered:
+        reason = (
+            "cannot open the SQLite file (does its folder exist and is it writable?)"
+        )
+    else:
+        reason = first
+    return f"database {mask_url(url)}: {reason}"
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revision() -> str:
+    """Return the newest migration revision this code knows."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """Return the migration revision a database is at (None when unversioned)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade_database(url: str) -> tuple[str | None, str]:
+    """Bring a database to the newest schema; return (revision before, after).
+
+    Raises:
+        DatabaseError: unreachable server, wrong credentials, or a schema at a
+            migration this version of fedpneumo does not know.
+    """
+    engine = get_engine(url)
+    script = ScriptDirectory.from_config(_alembic_config())
+    head = script.get_current_head()
+    try:
+        before = current_revision(engine)
+        if before is not None and before not in {
+            rev.revision for rev in script.walk_revisions()
+        }:
+            raise DatabaseError(
+                f"database {mask_url(url)} has schema migration {before!r}, which "
+                f"this fedpneumo does not know (newest known: {head!r});"
+                " upgrade fedpneumo or point DATABASE_URL at another database"
+            )
+        if before != head:
+            with engine.begin() as conn:
+                config = _alembic_config()
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+            log.info(
+                "migrated %s from %s to %s",
+                mask_url(url),
+                before or "empty",
+                head,
+            )
+        return before, current_revision(engine) or ""
+    except (OperationalError, DBAPIError, CommandError) as exc:
+        raise DatabaseError(describe_error(exc, url)) from None
+
+
+def table_names(engine: Engine) -> list[str]:
+    """Return the table names of a database, sorted."""
+    return sorted(inspect(engine).get_table_names())

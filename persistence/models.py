@@ -1,0 +1,297 @@
+"""Typed SQLAlchemy 2.x models of the tracking schema.
+
+Table and column names are public: reports and users query them with plain SQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+TRAINING_MODES = ("centralized", "federated")
+RUN_STATUSES = ("in_progress", "completed", "failed")
+
+# Named constraints make migrations reproducible across SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Row ids of the metric table can outgrow 32 bits; SQLite only autoincrements
+# an INTEGER primary key, so the wide type is PostgreSQL-only.
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+
+def utcnow() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp that reads back as UTC on every database.
+
+    SQLite stores no offset, so values are normalised to UTC on the way in and
+    tagged as UTC on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(
+        self, value: datetime | None, dialect: Dialect
+    ) -> datetime | None:
+        """Normalise to UTC before storing."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: timestamps must be aware")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(
+        self, value: datetime | None, dialect: Dialect
+    ) -> datetime | None:
+        """Return an aware UTC datetime."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    quoted = ", ".join(f"'{v}'" for v in values)
+    return f"{column} IN ({quoted})"
+
+
+def _unit_interval(*columns: str) -> list[CheckConstraint]:
+    return [
+        CheckConstraint(f"{c} IS NULL OR ({c} >= 0 AND {c} <= 1)", name=f"{c}_range")
+        for c in columns
+    ]
+
+
+def _non_negative(*columns: str) -> list[CheckConstraint]:
+    return [
+        CheckConstraint(f"{c} IS NULL OR {c} >= 0", name=f"{c}_non_negative")
+        for c in columns
+    ]
+
+
+class Base(DeclarativeBase):
+    """Declarative base holding the schema's metadata."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class Experiment(Base):
+    """A named group of runs that answer one question."""
+
+    __tablename__ = "experiments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    runs: Mapped[list[Run]] = relationship(
+        back_populates="experiment", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    def __repr__(self) -> str:
+        return f"Experiment(id={self.id}, name={self.name!r})"
+
+
+class Run(Base):
+    """One training session: a centralized baseline or one federated simulation."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        CheckConstraint(_in("training_mode", TRAINING_MODES), name="training_mode"),
+        CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+        CheckConstraint(
+            "status = 'in_progress' OR end_time IS NOT NULL", name="end_time_set"
+        ),
+        *_non_negative("rounds_completed", "num_rounds", "seed"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), index=True
+    )
+    training_mode: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="in_progress")
+    start_time: Mapped[datetime] = mapped_column(default=utcnow)
+    end_time: Mapped[datetime | None]
+    # Reproduce and audit: what ran, how, and where its artefacts are.
+    strategy: Mapped[str | None] = mapped_column(String(64))
+    partition: Mapped[str | None] = mapped_column(String(128))
+    seed: Mapped[int | None] = mapped_column(Integer)
+    num_rounds: Mapped[int | None] = mapped_column(Integer)
+    rounds_completed: Mapped[int] = mapped_column(Integer, default=0)
+    config: Mapped[dict[str, Any] | None]
+    # Flower's run id is a random uint64, wider than BIGINT: stored as text.
+    flwr_run_id: Mapped[str | None] = mapped_column(String(20))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    outputs_path: Mapped[str | None] = mapped_column(Text)
+    checkpoint_path: Mapped[str | None] = mapped_column(Text)
+    final_model_path: Mapped[str | None] = mapped_column(Text)
+    # Liveness of the process that owns an in-progress run.
+    heartbeat_at: Mapped[datetime | None]
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+
+    experiment: Mapped[Experiment] = relationship(back_populates="runs")
+
+    def __repr__(self) -> str:
+        return f"Run(id={self.id}, mode={self.training_mode!r}, status={self.status!r})"
+
+
+class Client(Base):
+    """A participant of a federated run, such as one simulated hospital."""
+
+    __tablename__ = "clients"
+    __table_args__ = (
+        UniqueConstraint("run_id", "client_identifier", name="uq_clients_run_client"),
+        *_non_negative("partition_id", "num_examples"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), index=True
+    )
+    client_identifier: Mapped[str] = mapped_column(String(64))
+    partition_id: Mapped[int | None] = mapped_column(Integer)
+    # Flower's node id is a random uint64, wider than BIGINT: stored as text.
+    node_id: Mapped[str | None] = mapped_column(String(20))
+    num_examples: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Client(id={self.id}, run_id={self.run_id}, {self.client_identifier!r})"
+
+
+class RunMetric(Base):
+    """One metric value of a run at one step.
+
+    ``client_id`` and ``round_number`` are NULL for centralized runs; a row with
+    a round and no client is the server's aggregate over that round's clients.
+    NaN is stored as ``metric_value`` NULL with ``is_nan`` true, because SQLite
+    cannot store NaN.
+    """
+
+    __tablename__ = "run_metrics"
+    __table_args__ = (
+        CheckConstraint(
+            "(metric_value IS NULL AND is_nan) OR "
+            "(metric_value IS NOT NULL AND NOT is_nan)",
+            name="nan_flag",
+        ),
+        *_non_negative("round_number", "step"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), index=True
+    )
+    client_id: Mapped[int | None] = mapped_column(
+        ForeignKey("clients.id", ondelete="CASCADE"), index=True
+    )
+    round_number: Mapped[int | None] = mapped_column(Integer)
+    metric_name: Mapped[str] = mapped_column(String(128))
+    metric_value: Mapped[float | None] = mapped_column(Float(53))
+    is_nan: Mapped[bool] = mapped_column(Boolean, default=False)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    dataset_type: Mapped[str] = mapped_column(String(16))
+    timestamp: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return (
+            f"RunMetric(run_id={self.run_id}, client_id={self.client_id}, "
+            f"round={self.round_number}, {self.metric_name}={self.metric_value})"
+        )
+
+
+# Unique keys treat NULLs as distinct, and centralized rows have no client and
+# no round: the key coalesces them so that re-delivering a metric is a no-op.
+Index(
+    "uq_run_metrics_key",
+    RunMetric.run_id,
+    func.coalesce(RunMetric.client_id, 0),
+    func.coalesce(RunMetric.round_number, -1),
+    RunMetric.metric_name,
+    RunMetric.step,
+    RunMetric.dataset_type,
+    unique=True,
+)
+
+
+class ServerEvaluation(Base):
+    """The global model evaluated by the server on the validation split."""
+
+    __tablename__ = "server_evaluations"
+    __table_args__ = (
+        UniqueConstraint("run_id", "round_number", name="uq_server_evaluations_round"),
+        *_unit_interval("accuracy", "precision", "recall", "f1_score", "auroc"),
+        *_unit_interval("threshold"),
+        *_non_negative(
+            "round_number",
+            "num_samples",
+            "eval_seconds",
+            "true_positives",
+            "true_negatives",
+            "false_positives",
+            "false_negatives",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), index=True
+    )
+    round_number: Mapped[int] = mapped_column(Integer)
+    dataset_type: Mapped[str] = mapped_column(String(16), default="val")
+    loss: Mapped[float | None] = mapped_column(Float(53))
+    accuracy: Mapped[float | None] = mapped_column(Float(53))
+    precision: Mapped[float | None] = mapped_column(Float(53))
+    recall: Mapped[float | None] = mapped_column(Float(53))
+    f1_score: Mapped[float | None] = mapped_column(Float(53))
+    auroc: Mapped[float | None] = mapped_column(Float(53))
+    threshold: Mapped[float | None] = mapped_column(Float(53))
+    num_samples: Mapped[int | None] = mapped_column(Integer)
+    true_positives: Mapped[int | None] = mapped_column(Integer)
+    true_negatives: Mapped[int | None] = mapped_column(Integer)
+    false_positives: Mapped[int | None] = mapped_column(Integer)
+    false_negatives: Mapped[int | None] = mapped_column(Integer)
+    eval_seconds: Mapped[float | None] = mapped_column(Float(53))
+    evaluation_time: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return (
+            f"ServerEvaluation(run_id={self.run_id}, round={self.round_number}, "
+            f"auroc={self.auroc})"
+        )
