@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -69,20 +71,71 @@ def db_upgrade(db: DbOption = None) -> None:
         )
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Return the exception types whose message is the whole story for users."""
-    from client_app.data import DataError
-    from persistence.db import DatabaseError
-    from persistence.repositories import RunNotFoundError
+OVERRIDES_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Hydra overrides, e.g. train.epochs=5 model=resnet18"),
+]
 
-    return (ConfigError, DataError, DatabaseError, RunNotFoundError)
+
+@app.command(context_settings=OVERRIDES_CONTEXT)
+def train(overrides: Overrides = None) -> None:
+    """Train a centralized baseline; select on val; record one centralized run."""
+    from fedpneumo.centralized import run_centralized
+    from fedpneumo.config import database_url, load_config, resolve_paths
+    from fedpneumo.summary import print_centralized_summary
+
+    cfg = resolve_paths(load_config(overrides or []))
+    result = run_centralized(cfg)
+    print_centralized_summary(console, result, database_url(cfg))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="A saved model (best_model.pt).")],
+    data: Annotated[str, typer.Option(help="A .npz file or Kermany image folder.")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "val",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Evaluate a saved model on any supported data file or folder."""
+    from fedpneumo.centralized import evaluate_checkpoint
+    from fedpneumo.summary import print_metrics
+
+    metrics = evaluate_checkpoint(checkpoint, data, split)
+    if as_json:
+        sys.stdout.write(json.dumps(metrics) + "\n")
+    else:
+        print_metrics(console, metrics, title=f"{checkpoint} on {split}")
+
+
+# Errors whose message is the whole story for users: (module, class name).
+# Looked up in sys.modules so that reporting one never imports torch.
+USER_ERRORS = (
+    ("fedpneumo.config", "ConfigError"),
+    ("client_app.data", "DataError"),
+    ("persistence.db", "DatabaseError"),
+    ("persistence.repositories", "RunNotFoundError"),
+    ("client_app.metrics_collector", "MissingRunError"),
+    ("client_app.trainer", "TrainingDivergedError"),
+)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Return True for errors reported as one line, without a traceback."""
+    for module_name, class_name in USER_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(exc, getattr(module, class_name)):
+            return True
+    return False
 
 
 def main() -> None:
     """Run the CLI; known user errors exit non-zero with a one-line message."""
     try:
         app()
-    except _user_errors() as exc:
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
         # One plain line, never wrapped: scripts and users grep for it.
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2 if isinstance(exc, ConfigError) else 1)

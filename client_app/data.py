@@ -1,0 +1,437 @@
+"""Load chest X-ray data (MedMNIST .npz, Kermany image folders, synthetic)."""
+
+import logging
+import os
+import socket
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from torchvision.transforms import v2
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
+CLASS_DIRS = ("NORMAL", "PNEUMONIA")  # index = label
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
+MEDMNIST_FILE = "pneumoniamnist.npz"
+MEDMNIST_SIZES = (28, 64, 128, 224)
+SYNTHETIC = "synthetic"
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.5
+VAL_FRACTION = 0.1
+VAL_SEED = 0
+DOWNLOAD_TIMEOUT_S = 10.0
+TRANSLATE_FRACTION = 2 / 28  # ±2 px at 28 px, scaled for larger images
+PATH_HINT = (
+    "set data.path to a MedMNIST .npz file or a folder with "
+    "<split>/NORMAL and <split>/PNEUMONIA"
+)
+
+
+class DataError(ValueError):
+    """Report unusable data input with a one-line, actionable message."""
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Hold one split: uint8 images (N, H, W) and int64 labels (N,) in {0, 1}."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 3 or len(self.images) != len(self.labels):
+            raise ValueError(
+                f"Split needs images (N, H, W) and labels (N,), got "
+                f"{self.images.shape} and {self.labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> "Split":
+        """Return the samples at ``indices`` as a new split."""
+        return Split(self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True, eq=False)
+class XrayData:
+    """Hold the splits of one data source and where they came from."""
+
+    splits: dict[str, Split]
+    source: str
+    synthetic: bool = False
+
+    def split(self, name: str) -> Split:
+        """Return split ``name`` or raise a DataError listing the available ones."""
+        if name not in self.splits:
+            raise DataError(
+                f"split '{name}' is not in {self.source}; available splits: "
+                f"{', '.join(self.splits)}"
+            )
+        return self.splits[name]
+
+
+def load_npz(path: Path, image_size: int = 28) -> XrayData:
+    """Load and validate a MedMNIST-layout .npz file (test split optional)."""
+    path = Path(path).expanduser()
+    _check_image_size(image_size)
+    if not path.is_file():
+        raise DataError(f"data.path '{path}' does not exist; {PATH_HINT}")
+    arrays = _read_npz(path)
+    missing = [key for key in REQUIRED_KEYS if key not in arrays]
+    has_test = [key for key in ("test_images", "test_labels") if key in arrays]
+    if len(has_test) == 1:
+        missing.append("test_labels" if has_test == ["test_images"] else "test_images")
+    if missing:
+        raise DataError(
+            f"'{path}' lacks keys {missing}; found {sorted(arrays)}; a MedMNIST "
+            f"file has {list(REQUIRED_KEYS)} and optionally test_images/test_labels"
+        )
+    names = SPLITS if has_test else SPLITS[:2]
+    splits = {name: _npz_split(arrays, name, path, image_size) for name in names}
+    return XrayData(splits=splits, source=str(path.resolve()))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        # np.load would treat any non-zip bytes as a pickle or a single .npy array
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a zip archive")
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(
+            f"data.path '{path}' is not a readable .npz file ({err}); {PATH_HINT}"
+        ) from err
+    # NpzFile hands back raw bytes for members that are not .npy arrays
+    broken = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
+    if broken:
+        raise DataError(
+            f"data.path '{path}' is not a readable .npz file (members {broken} are "
+            f"not arrays); {PATH_HINT}"
+        )
+    return arrays
+
+
+def _npz_split(
+    arrays: dict[str, np.ndarray], name: str, path: Path, image_size: int
+) -> Split:
+    images, labels = arrays[f"{name}_images"], arrays[f"{name}_labels"]
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise DataError(
+            f"{name}_images in '{path}' has shape {images.shape}; "
+            "expected (N, H, W) or (N, H, W, 1) grayscale images"
+        )
+    if images.dtype != np.uint8:
+        raise DataError(
+            f"{name}_images in '{path}' has dtype {images.dtype}; expected uint8"
+        )
+    if labels.ndim > 2 or (labels.ndim == 2 and labels.shape[1] != 1):
+        raise DataError(
+            f"{name}_labels in '{path}' has shape {labels.shape}; expected (N,) or "
+            "(N, 1) binary labels"
+        )
+    labels = labels.reshape(-1)
+    if len(images) != len(labels):
+        raise DataError(
+            f"{name}_images in '{path}' has {len(images)} samples but "
+            f"{name}_labels has {len(labels)}"
+        )
+    if len(labels) == 0:
+        raise DataError(f"split '{name}' in '{path}' is empty")
+    return Split(
+        _resize(images, image_size),
+        _binary_labels(labels, f"{name}_labels of '{path}'"),
+    )
+
+
+def _binary_labels(labels: np.ndarray, what: str) -> np.ndarray:
+    values = np.unique(labels)
+    bad = [v for v in values.tolist() if v not in (0, 1)]
+    if bad:
+        raise DataError(f"labels outside {{0,1}} in {what}: {bad[:10]}")
+    return labels.astype(np.int64)
+
+
+def _resize(images: np.ndarray, image_size: int) -> np.ndarray:
+    if images.shape[1:] == (image_size, image_size):
+        return np.ascontiguousarray(images)
+    size = (image_size, image_size)
+    resized = [
+        np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR))
+        for img in images
+    ]
+    return np.stack(resized).astype(np.uint8)
+
+
+def _check_image_size(image_size: int) -> None:
+    if image_size < 8:
+        raise DataError(f"data.image_size {image_size} is too small; use 8 or more")
+
+
+def load_image_folder(path: Path, image_size: int = 28) -> XrayData:
+    """Load a Kermany-layout folder: <split>/NORMAL and <split>/PNEUMONIA images."""
+    path = Path(path).expanduser()
+    _check_image_size(image_size)
+    if not path.is_dir():
+        raise DataError(f"data.path '{path}' is not a directory; {PATH_HINT}")
+    splits = {
+        name: _folder_split(path / name, image_size)
+        for name in SPLITS
+        if (path / name).is_dir()
+    }
+    if "train" not in splits:
+        raise DataError(
+            f"'{path}' has no train/ folder; expected {path}/train/NORMAL and "
+            f"{path}/train/PNEUMONIA (val/ and test/ optional)"
+        )
+    if "val" not in splits:
+        splits["train"], splits["val"] = _carve_val(splits["train"], path)
+    ordered = {name: splits[name] for name in SPLITS if name in splits}
+    return XrayData(splits=ordered, source=str(path.resolve()))
+
+
+def _folder_split(split_dir: Path, image_size: int) -> Split:
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for label, class_name in enumerate(CLASS_DIRS):
+        class_dir = split_dir / class_name
+        if not class_dir.is_dir():
+            raise DataError(
+                f"'{split_dir}' has no {class_name}/ folder; expected "
+                f"{split_dir}/NORMAL and {split_dir}/PNEUMONIA with .jpeg/.png images"
+            )
+        files = sorted(
+            p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            logger.warning("No images in %s", class_dir)
+        images.extend(_read_image(file, image_size) for file in files)
+        labels.extend([label] * len(files))
+    if not images:
+        raise DataError(
+            f"'{split_dir}' has no .jpeg/.jpg/.png images under NORMAL/ or PNEUMONIA/"
+        )
+    return Split(np.stack(images), np.asarray(labels, dtype=np.int64))
+
+
+def _read_image(file: Path, image_size: int) -> np.ndarray:
+    try:
+        with Image.open(file) as img:
+            # Decode JPEGs at reduced scale: X-rays are up to ~2900 px wide
+            img.draft("L", (image_size * 2, image_size * 2))
+            gray = img.convert("L")
+    except OSError as err:
+        raise DataError(f"image '{file}' is not readable: {err}") from err
+    # Centre-crop to a square before resizing, as MedMNIST did
+    size = (image_size, image_size)
+    square = ImageOps.fit(gray, size, method=Image.Resampling.BILINEAR)
+    return np.asarray(square, dtype=np.uint8)
+
+
+def _carve_val(train: Split, path: Path) -> tuple[Split, Split]:
+    if len(train) < 2:
+        raise DataError(
+            f"'{path}' has no val/ folder and too few train images to carve one"
+        )
+    n_val = max(1, round(VAL_FRACTION * len(train)))
+    val_idx = _stratified_indices(train.labels, n_val, VAL_SEED)
+    train_idx = np.setdiff1d(np.arange(len(train)), val_idx)
+    logger.info(
+        "No val/ folder in %s: holding out %d of %d train images (stratified, "
+        "seed %d) as val",
+        path,
+        n_val,
+        len(train),
+        VAL_SEED,
+    )
+    return train.subset(train_idx), train.subset(val_idx)
+
+
+def _stratified_indices(labels: np.ndarray, n_take: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n_take * counts / counts.sum()
+    quota = np.floor(exact).astype(int)
+    # Largest-remainder rounding keeps the total at n_take and the ratio closest
+    leftover = n_take - quota.sum()
+    quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
+    picked = [
+        rng.permutation(np.flatnonzero(labels == cls))[:q]
+        for cls, q in zip(classes, quota, strict=True)
+    ]
+    return np.sort(np.concatenate(picked))
+
+
+def limit_split(split: Split, limit: int | None, seed: int) -> Split:
+    """Cap a split at ``limit`` samples, keeping the class ratio; None keeps all."""
+    if limit is None or limit >= len(split):
+        return split
+    if limit < 1:
+        raise DataError(f"sample limit {limit} must be a positive integer or null")
+    return split.subset(_stratified_indices(split.labels, limit, seed))
+
+
+def make_synthetic(
+    n_train: int = 400,
+    n_val: int = 100,
+    n_test: int = 0,
+    image_size: int = 28,
+    seed: int = 0,
+) -> XrayData:
+    """Make learnable toy X-rays: pneumonia (~70 %) adds a bright blurred blob."""
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    splits = {
+        name: _synthetic_split(n, image_size, np.random.default_rng([seed, i]))
+        for i, (name, n) in enumerate(sizes.items())
+        if n > 0
+    }
+    return XrayData(splits=splits, source=SYNTHETIC, synthetic=True)
+
+
+def _synthetic_split(n: int, size: int, rng: np.random.Generator) -> Split:
+    labels = (rng.permutation(n) < round(0.7 * n)).astype(np.int64)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = (rng.uniform(0.3, 0.7, (2, n, 1, 1)) * size).astype(np.float32)
+    radius = (rng.uniform(0.08, 0.18, (n, 1, 1)) * size).astype(np.float32)
+    amplitude = labels[:, None, None] * rng.uniform(50, 110, (n, 1, 1))
+    blob = amplitude * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * radius**2))
+    base = 80 + 30 * np.cos(np.pi * (xx / size - 0.5))  # darker at the edges
+    noise = rng.normal(0, 25, (n, size, size))
+    images = np.clip(base + blob + noise, 0, 255).astype(np.uint8)
+    return Split(images, labels)
+
+
+def medmnist_root() -> Path:
+    """Return the MedMNIST cache folder: $MEDMNIST_ROOT or ~/.medmnist."""
+    return Path(os.environ.get("MEDMNIST_ROOT") or Path.home() / ".medmnist")
+
+
+def resolve_data(
+    path: str | None,
+    *,
+    image_size: int = 28,
+    allow_download: bool = True,
+    allow_synthetic_fallback: bool = False,
+) -> XrayData:
+    """Load data from data.path, else the MedMNIST cache or download.
+
+    An explicit path never falls back. Without one, synthetic data is used only
+    when ``allow_synthetic_fallback`` is set and no real data could be had. An
+    empty string counts as unset, since TOML run configs have no null.
+    """
+    if path is not None and path.strip():
+        return _load_path(path.strip(), image_size)
+    root = medmnist_root()
+    native = f"pneumoniamnist_{image_size}.npz" if image_size != 28 else MEDMNIST_FILE
+    for name in dict.fromkeys([native, MEDMNIST_FILE]):
+        if (root / name).is_file():
+            return load_npz(root / name, image_size)
+    reason = f"no {MEDMNIST_FILE} in {root}"
+    if allow_download:
+        try:
+            return load_npz(_download_medmnist(root, image_size), image_size)
+        except DataError as err:
+            reason = f"{reason} and downloading it failed ({err})"
+    if allow_synthetic_fallback:
+        logger.warning(
+            "USING SYNTHETIC DATA: %s. Metrics will mean nothing for pneumonia "
+            "detection; set data.path to real data.",
+            reason,
+        )
+        return make_synthetic(image_size=image_size)
+    raise DataError(
+        f"{reason}; {PATH_HINT}, put {MEDMNIST_FILE} in {root} (or set "
+        "MEDMNIST_ROOT), or set data.path to 'synthetic' for toy data"
+    )
+
+
+def _load_path(path: str, image_size: int) -> XrayData:
+    if path == SYNTHETIC:
+        return make_synthetic(image_size=image_size)
+    resolved = Path(path).expanduser()
+    if resolved.is_dir():
+        return load_image_folder(resolved, image_size)
+    if resolved.is_file():
+        return load_npz(resolved, image_size)
+    raise DataError(f"data.path '{path}' does not exist; {PATH_HINT}")
+
+
+def _download_medmnist(root: Path, image_size: int) -> Path:
+    size = image_size if image_size in MEDMNIST_SIZES else 28
+    target = root / (MEDMNIST_FILE if size == 28 else f"pneumoniamnist_{size}.npz")
+    root.mkdir(parents=True, exist_ok=True)
+    logger.info("Downloading PneumoniaMNIST (size %d) to %s", size, root)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        import medmnist  # imported late: importing it creates ~/.medmnist
+
+        medmnist.PneumoniaMNIST(split="train", download=True, root=str(root), size=size)
+    except (RuntimeError, OSError) as err:
+        target.unlink(missing_ok=True)  # drop a partial download
+        # medmnist re-raises every failure as a multi-line RuntimeError
+        cause = err.__context__ or err
+        raise DataError(f"{type(cause).__name__}: {cause}") from err
+    finally:
+        socket.setdefaulttimeout(previous)
+    return target
+
+
+class XrayTorchDataset(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Serve (image (1, H, W) float normalised, label float scalar) pairs."""
+
+    def __init__(self, split: Split, augment: bool = False, hflip: bool = False):
+        self.images = torch.from_numpy(split.images).unsqueeze(1)  # (N, 1, H, W) u8
+        self.labels = torch.from_numpy(split.labels).float()
+        self.transform = _augmentation(hflip) if augment else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        image = (image.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
+        return image, self.labels[index]
+
+
+def _augmentation(hflip: bool) -> v2.Transform:
+    affine = v2.RandomAffine(
+        degrees=10,
+        translate=(TRANSLATE_FRACTION, TRANSLATE_FRACTION),
+        scale=(0.9, 1.1),
+        interpolation=v2.InterpolationMode.BILINEAR,
+    )
+    # Off by default: the heart sits on the left, so flips make implausible X-rays
+    return v2.Compose([affine, v2.RandomHorizontalFlip()]) if hflip else affine
+
+
+def make_loader(
+    split: Split,
+    batch_size: int,
+    shuffle: bool = False,
+    augment: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """Build a single-process DataLoader whose shuffle order is seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        XrayTorchDataset(split, augment=augment),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=0,
+        generator=generator,
+    )

@@ -1,0 +1,116 @@
+"""Binary classification metrics and threshold selection (scikit-learn based)."""
+
+import logging
+
+import numpy as np
+from sklearn.metrics import (
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+logger = logging.getLogger(__name__)
+
+LOSS = "loss"
+ACCURACY = "accuracy"
+PRECISION = "precision"
+RECALL = "recall"
+F1_SCORE = "f1_score"
+AUROC = "auroc"
+TRUE_POSITIVES = "true_positives"
+TRUE_NEGATIVES = "true_negatives"
+FALSE_POSITIVES = "false_positives"
+FALSE_NEGATIVES = "false_negatives"
+NUM_SAMPLES = "num_samples"
+
+SERVER_EVAL_KEYS = (
+    LOSS,
+    ACCURACY,
+    PRECISION,
+    RECALL,
+    F1_SCORE,
+    AUROC,
+    TRUE_POSITIVES,
+    TRUE_NEGATIVES,
+    FALSE_POSITIVES,
+    FALSE_NEGATIVES,
+    NUM_SAMPLES,
+)
+DEFAULT_THRESHOLD = 0.5
+THRESHOLD_EPS = 1e-6
+
+
+def binary_metrics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+    loss: float | None = None,
+) -> dict[str, float]:
+    """Compute binary metrics, predicting positive where ``probs >= threshold``.
+
+    Every value is a Python float, counts included, so the dict goes straight
+    into a Flower MetricRecord or JSON. AUROC is NaN when only one class is
+    present; ``loss`` is included only when given.
+    """
+    labels, probs = _check_inputs(labels, probs)
+    preds = (probs >= threshold).astype(np.int64)
+    tn, fp, fn, tp = confusion_matrix(labels, preds, labels=[0, 1]).ravel()
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, preds, average="binary", pos_label=1, zero_division=0
+    )
+    metrics = {LOSS: float(loss)} if loss is not None else {}
+    metrics |= {
+        ACCURACY: float((tp + tn) / len(labels)),
+        PRECISION: float(precision),
+        RECALL: float(recall),
+        F1_SCORE: float(f1),
+        AUROC: _auroc(labels, probs),
+        TRUE_POSITIVES: float(tp),
+        TRUE_NEGATIVES: float(tn),
+        FALSE_POSITIVES: float(fp),
+        FALSE_NEGATIVES: float(fn),
+        NUM_SAMPLES: float(len(labels)),
+    }
+    return metrics
+
+
+def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Return the threshold maximising TPR - FPR (Youden's J), else 0.5."""
+    labels, probs = _check_inputs(labels, probs)
+    if len(np.unique(labels)) < 2:
+        return DEFAULT_THRESHOLD
+    # All distinct scores, descending; thresholds[0] is inf and has J = 0
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
+    youden = tpr - fpr
+    best = int(np.argmax(youden))
+    if youden[best] <= 0:
+        logger.debug("No threshold beats chance (max J <= 0); using 0.5")
+        return DEFAULT_THRESHOLD
+    # Halfway to the next lower score classifies the data the same but sits
+    # between the classes instead of on a sample
+    lower = thresholds[best + 1] if best + 1 < len(thresholds) else thresholds[best]
+    threshold = (thresholds[best] + lower) / 2
+    return float(np.clip(threshold, THRESHOLD_EPS, 1 - THRESHOLD_EPS))
+
+
+def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, probs))
+
+
+def _check_inputs(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, ...]:
+    labels = np.asarray(labels).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if len(labels) != len(probs):
+        raise ValueError(f"got {len(labels)} labels but {len(probs)} probabilities")
+    if len(labels) == 0:
+        raise ValueError("binary metrics need at least one sample")
+    if not np.isin(labels, (0, 1)).all():
+        bad = np.unique(labels[~np.isin(labels, (0, 1))])[:10].tolist()
+        raise ValueError(f"labels outside {{0,1}}: {bad}")
+    if not np.isfinite(probs).all():
+        count = int((~np.isfinite(probs)).sum())
+        raise ValueError(f"{count} of {len(probs)} probabilities are NaN or inf")
+    return labels.astype(np.int64), probs

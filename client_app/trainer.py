@@ -1,0 +1,296 @@
+"""The plain PyTorch training loop, shared by clients and centralized training.
+
+No Flower imports: this module is the ``task.py`` of the app.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from client_app.data import Split, make_loader
+from client_app.metrics import binary_metrics, youden_threshold
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class Callback:
+    """Hooks the trainer calls; override the ones you need."""
+
+    def on_train_start(self) -> None:
+        """Call before the first epoch."""
+
+    def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Receive one epoch's metrics (keys like ``train_loss``, ``val_auroc``)."""
+
+    def on_train_end(self, summary: Mapping[str, Any]) -> None:
+        """Receive the final summary after the last epoch."""
+
+    def on_train_error(self, exc: BaseException) -> None:
+        """Learn that training raised (the exception is re-raised afterwards)."""
+
+
+@dataclass
+class TrainSettings:
+    """Everything the loop needs besides the model and data."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    # Weight of the positive class in the loss; None = no weighting.
+    pos_weight: float | None = None
+    # FedProx: mu/2 * ||w - w_global||^2 added to the loss (0 = off).
+    proximal_mu: float = 0.0
+    augment: bool = False
+    device: str = "auto"
+    seed: int = 0
+    # Centralized: keep the epoch with the best val AUROC and save it here.
+    select_best: bool = False
+    checkpoint_path: Path | None = None
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    """What a call to ``fit`` produced."""
+
+    history: list[dict[str, float]]
+    num_examples: int
+    best_epoch: int | None = None
+    threshold: float | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """Return CUDA when asked for (or auto and available), else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def balanced_pos_weight(labels: np.ndarray) -> float | None:
+    """Return n_negative / n_positive, or None when a class is absent."""
+    positives = int(labels.sum())
+    negatives = int(len(labels) - positives)
+    if positives == 0 or negatives == 0:
+        return None
+    return negatives / positives
+
+
+def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=s.lr, momentum=0.9, weight_decay=s.weight_decay
+        )
+    return torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module, split: Split, batch_size: int = 256, device: str = "auto"
+) -> tuple[np.ndarray, float]:
+    """Return P(pneumonia) for every image of a split and the mean BCE loss."""
+    dev = select_device(device)
+    model.to(dev).eval()
+    loader = make_loader(split, batch_size=batch_size, shuffle=False, augment=False)
+    probs, total_loss = [], 0.0
+    for images, labels in loader:
+        logits = model(images.to(dev))
+        total_loss += nn.functional.binary_cross_entropy_with_logits(
+            logits, labels.to(dev), reduction="sum"
+        ).item()
+        probs.append(torch.sigmoid(logits).cpu().numpy())
+    return np.concatenate(probs), total_loss / max(len(split), 1)
+
+
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    *,
+    threshold: float | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+) -> dict[str, float]:
+    """Score a model on a split; without a threshold, pick Youden's on this split."""
+    probs, loss = predict_proba(model, split, batch_size, device)
+    if threshold is None:
+        threshold = youden_threshold(split.labels, probs)
+    metrics = binary_metrics(split.labels, probs, threshold=threshold, loss=loss)
+    metrics["threshold"] = float(threshold)
+    return metrics
+
+
+def _prefixed(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{k}": float(v) for k, v in metrics.items()}
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    global_params: list[torch.Tensor] | None,
+    s: TrainSettings,
+    dev: torch.device,
+) -> dict[str, float]:
+    model.train()
+    total, correct, loss_sum = 0, 0, 0.0
+    for images, labels in loader:
+        images, labels = images.to(dev), labels.to(dev)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(images)
+        loss = loss_fn(logits, labels)
+        if global_params is not None and s.proximal_mu > 0:
+            prox = sum(
+                (w - g).pow(2).sum()
+                for w, g in zip(model.parameters(), global_params, strict=True)
+            )
+            loss = loss + 0.5 * s.proximal_mu * prox
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"training diverged: train loss is {loss.item()} (try a lower train.lr)"
+            )
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(labels)
+        correct += int(((logits > 0).float() == labels).sum().item())
+        total += len(labels)
+    return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split | None,
+    settings: TrainSettings,
+    *,
+    test: Split | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> FitResult:
+    """Train a model, reporting each epoch to the callbacks.
+
+    With ``select_best`` the weights of the epoch with the best val AUROC are
+    restored, its val threshold (Youden's J) is kept, and the model is saved to
+    ``checkpoint_path``; the summary then holds final val (and test) metrics.
+    """
+    s = settings
+    dev = select_device(s.device)
+    seed_everything(s.seed)
+    model.to(dev)
+    loader = make_loader(
+        train, batch_size=s.batch_size, shuffle=True, augment=s.augment, seed=s.seed
+    )
+    optimizer = _optimizer(model, s)
+    pos_weight = (
+        None if s.pos_weight is None else torch.tensor(s.pos_weight, device=dev)
+    )
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    global_params = (
+        [p.detach().clone() for p in model.parameters()] if s.proximal_mu > 0 else None
+    )
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, Any]] | None = None
+    try:
+        for cb in callbacks:
+            cb.on_train_start()
+        for epoch in range(1, s.epochs + 1):
+            started = time.perf_counter()
+            metrics = _prefixed(
+                "train",
+                _train_epoch(model, loader, optimizer, loss_fn, global_params, s, dev),
+            )
+            if val is not None and len(val):
+                val_metrics = evaluate(model, val, device=s.device)
+                metrics.update(_prefixed("val", val_metrics))
+                auroc = val_metrics["auroc"]
+                score = -math.inf if math.isnan(auroc) else auroc
+                if s.select_best and (best is None or score > best[0]):
+                    best = (score, epoch, copy.deepcopy(model.state_dict()))
+            metrics["epoch_seconds"] = time.perf_counter() - started
+            history.append(metrics)
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, metrics)
+        result = FitResult(history=history, num_examples=len(train))
+        if s.select_best and best is not None and val is not None:
+            result = _finish_best(model, best, val, test, s, result)
+        for cb in callbacks:
+            cb.on_train_end(result.summary)
+        return result
+    except BaseException as exc:
+        for cb in callbacks:
+            cb.on_train_error(exc)
+        raise
+
+
+def _finish_best(
+    model: nn.Module,
+    best: tuple[float, int, dict[str, Any]],
+    val: Split,
+    test: Split | None,
+    s: TrainSettings,
+    result: FitResult,
+) -> FitResult:
+    _, epoch, state = best
+    model.load_state_dict(state)
+    val_metrics = evaluate(model, val, device=s.device)
+    threshold = val_metrics["threshold"]
+    summary: dict[str, Any] = {"best_epoch": epoch, "threshold": threshold}
+    summary.update(_prefixed("final_val", val_metrics))
+    if test is not None and len(test):
+        test_metrics = evaluate(model, test, threshold=threshold, device=s.device)
+        summary.update(_prefixed("final_test", test_metrics))
+    if s.checkpoint_path is not None:
+        save_checkpoint(
+            s.checkpoint_path,
+            model,
+            threshold=threshold,
+            meta={**s.checkpoint_meta, "epoch": epoch},
+        )
+        summary["checkpoint_path"] = str(s.checkpoint_path)
+    result.best_epoch, result.threshold, result.summary = epoch, threshold, summary
+    return result
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, *, threshold: float, meta: Mapping[str, Any]
+) -> Path:
+    """Save weights, decision threshold and model settings atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "threshold": threshold, **meta}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,166 @@
+"""Centralized baseline training and checkpoint evaluation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client_app.data import DataError, XrayData, limit_split, resolve_data
+from client_app.metrics_collector import MetricsCollectorCallback
+from client_app.model import build_model
+from client_app.trainer import (
+    FitResult,
+    TrainSettings,
+    balanced_pos_weight,
+    evaluate,
+    fit,
+    load_checkpoint,
+)
+from fedpneumo.config import AppConfig, database_url, snapshot
+from fedpneumo.progress import EpochProgress, ProgressReporter
+from persistence import repositories as repo
+from persistence.db import get_engine, session_scope, upgrade_database
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "best_model.pt"
+
+
+@dataclass
+class CentralizedResult:
+    """The outcome of ``fedpneumo train``."""
+
+    run_id: int
+    save_dir: Path
+    fit: FitResult
+    data: XrayData
+
+
+def load_data(cfg: AppConfig, *, allow_synthetic_fallback: bool = False) -> XrayData:
+    """Load the configured data and apply ``data.limit`` to every split."""
+    data = resolve_data(
+        cfg.data.path,
+        image_size=cfg.data.image_size,
+        allow_synthetic_fallback=allow_synthetic_fallback and cfg.data.path is None,
+    )
+    if cfg.data.limit is None:
+        return data
+    splits = {
+        name: limit_split(split, cfg.data.limit, cfg.seed)
+        for name, split in data.splits.items()
+    }
+    return XrayData(splits=splits, source=data.source, synthetic=data.synthetic)
+
+
+def model_meta(cfg: AppConfig) -> dict[str, Any]:
+    """Return what a checkpoint needs to rebuild its model."""
+    return {
+        "model": {
+            "name": cfg.model.name,
+            "width": cfg.model.width,
+            "dropout": cfg.model.dropout,
+            "norm": cfg.model.norm,
+        },
+        "image_size": cfg.data.image_size,
+    }
+
+
+def train_settings(cfg: AppConfig, **overrides: Any) -> TrainSettings:
+    """Build the trainer's settings from the config."""
+    t = cfg.train
+    values: dict[str, Any] = {
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "lr": t.lr,
+        "optimizer": t.optimizer,
+        "weight_decay": t.weight_decay,
+        "augment": cfg.data.augment,
+        "device": t.device,
+        "seed": cfg.seed,
+    }
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def run_centralized(cfg: AppConfig) -> CentralizedResult:
+    """Train on the train split, select on val, record one centralized run."""
+    url = database_url(cfg)
+    upgrade_database(url)
+    data = load_data(cfg, allow_synthetic_fallback=True)
+    train, val = data.split("train"), data.split("val")
+    test = data.splits.get("test")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+    save_dir = Path(cfg.outputs_dir) / "centralized" / stamp
+    with session_scope(get_engine(url)) as db:
+        experiment_id = repo.get_or_create_experiment(db, name=cfg.experiment_name).id
+    collector = MetricsCollectorCallback(
+        save_dir,
+        experiment_name=cfg.experiment_name,
+        experiment_id=experiment_id,
+        training_mode="centralized",
+        enable_db_persistence=cfg.tracking.enable_db,
+        database_url=url,
+        run_fields={
+            "seed": cfg.seed,
+            "num_rounds": cfg.train.epochs,
+            "config": snapshot(cfg, synthetic=data.synthetic, data_source=data.source),
+        },
+    )
+    settings = train_settings(
+        cfg,
+        pos_weight=balanced_pos_weight(train.labels)
+        if cfg.train.class_weighting
+        else None,
+        select_best=True,
+        checkpoint_path=save_dir / CHECKPOINT_NAME,
+        checkpoint_meta=model_meta(cfg),
+    )
+    model = build_model(
+        cfg.model.name,
+        width=cfg.model.width,
+        dropout=cfg.model.dropout,
+        norm=cfg.model.norm,
+    )
+    log.info(
+        "centralized training: %d train / %d val images from %s, %d epochs",
+        len(train),
+        len(val),
+        data.source,
+        cfg.train.epochs,
+    )
+    with ProgressReporter("epoch", cfg.train.epochs) as reporter:
+        result = fit(
+            model,
+            train,
+            val,
+            settings,
+            test=test,
+            callbacks=[collector, EpochProgress(reporter)],
+        )
+    assert collector.run_id is not None or not cfg.tracking.enable_db
+    return CentralizedResult(
+        run_id=collector.run_id or 0, save_dir=save_dir, fit=result, data=data
+    )
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, data_path: str, split: str = "val"
+) -> dict[str, float]:
+    """Score a saved model on a split of any supported data file or folder."""
+    state = load_checkpoint(checkpoint)
+    meta = state.get("model")
+    if not isinstance(meta, dict):
+        raise DataError(f"{checkpoint} is not a fedpneumo checkpoint (no model info)")
+    model = build_model(
+        meta["name"], width=meta["width"], dropout=meta["dropout"], norm=meta["norm"]
+    )
+    model.load_state_dict(state["state_dict"])
+    data = resolve_data(data_path, image_size=int(state.get("image_size", 28)))
+    threshold = float(state["threshold"])
+    with torch.no_grad():
+        return evaluate(model, data.split(split), threshold=threshold)

@@ -1,0 +1,290 @@
+"""Durable, idempotent writes: spool to local files first, then the database.
+
+Every batch is written to a file before the database is tried and deleted
+after commit. When the database is down, training goes on: pending files are
+retried with backoff, replayed at the end of a run, or by ``fedpneumo sync``.
+Replaying is safe any number of times because the writes are idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+
+from persistence import repositories as repo
+from persistence.db import DatabaseError, get_engine, mask_url, session_scope
+from persistence.repositories import MetricPoint
+
+log = logging.getLogger(__name__)
+
+SPOOL_DIRNAME = "spool"
+REJECTED_DIRNAME = "rejected"
+
+
+@dataclass
+class MetricBatch:
+    """Metric points of one run (and optionally one client) written together."""
+
+    run_id: int
+    points: list[MetricPoint]
+    client_identifier: str | None = None
+    partition_id: int | None = None
+    node_id: str | None = None
+    num_examples: int | None = None
+    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_entry(self) -> dict[str, Any]:
+        """Return a JSON-able spool entry."""
+        entry = asdict(self)
+        entry["points"] = [
+            {**asdict(p), "value": _encode_float(p.value), "timestamp": None}
+            for p in self.points
+        ]
+        return {"kind": "metrics", **entry}
+
+
+@dataclass
+class EvaluationRecord:
+    """The server's evaluation of one round."""
+
+    run_id: int
+    round_number: int
+    metrics: dict[str, float]
+    eval_seconds: float | None = None
+    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_entry(self) -> dict[str, Any]:
+        """Return a JSON-able spool entry."""
+        entry = asdict(self)
+        entry["metrics"] = {k: _encode_float(v) for k, v in self.metrics.items()}
+        return {"kind": "server_evaluation", **entry}
+
+
+def _encode_float(value: float) -> float | str:
+    value = float(value)
+    return value if math.isfinite(value) else repr(value)  # 'nan', 'inf', '-inf'
+
+
+def _decode_float(value: float | str) -> float:
+    return float(value)
+
+
+def apply_entry(session: Any, entry: Mapping[str, Any]) -> int:
+    """Write one spool entry in the given session; return rows newly stored."""
+    kind = entry.get("kind")
+    if kind == "metrics":
+        client_id = None
+        if entry.get("client_identifier"):
+            client = repo.get_or_create_client(
+                session,
+                run_id=entry["run_id"],
+                client_identifier=entry["client_identifier"],
+                partition_id=entry.get("partition_id"),
+                node_id=entry.get("node_id"),
+                num_examples=entry.get("num_examples"),
+            )
+            client_id = client.id
+        points = [
+            MetricPoint(
+                metric_name=p["metric_name"],
+                value=_decode_float(p["value"]),
+                step=int(p["step"]),
+                dataset_type=p["dataset_type"],
+                round_number=p.get("round_number"),
+            )
+            for p in entry["points"]
+        ]
+        return repo.add_metrics(
+            session, run_id=entry["run_id"], client_id=client_id, points=points
+        )
+    if kind == "server_evaluation":
+        metrics = {k: _decode_float(v) for k, v in entry["metrics"].items()}
+        stored = repo.add_server_evaluation(
+            session,
+            run_id=entry["run_id"],
+            round_number=entry["round_number"],
+            metrics=metrics,
+            eval_seconds=entry.get("eval_seconds"),
+        )
+        return int(stored)
+    raise ValueError(f"unknown spool entry kind {kind!r}")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Return True for failures that may pass: server down, connection lost."""
+    if isinstance(exc, IntegrityError):
+        return False
+    if isinstance(exc, OperationalError | DatabaseError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+class DurableWriter:
+    """Write entries through a spool folder into the database, with backoff."""
+
+    def __init__(
+        self,
+        url: str,
+        spool_dir: Path,
+        *,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.spool_dir = Path(spool_dir)
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._delay = backoff_initial_s
+        self._next_attempt = 0.0
+        self._warned = False
+
+    # Spool files -------------------------------------------------------------
+
+    def spool(self, entry: Mapping[str, Any]) -> Path:
+        """Write an entry to the spool atomically and return its file."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{entry['batch_id']}.json"
+        path = self.spool_dir / name
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as fh:
+            json.dump(entry, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+        return path
+
+    def pending(self) -> list[Path]:
+        """Return the spooled files not yet committed, oldest first."""
+        return pending_files(self.spool_dir)
+
+    # Writing -----------------------------------------------------------------
+
+    def write(self, entry: Mapping[str, Any]) -> bool:
+        """Spool an entry, then try to commit everything pending.
+
+        Returns True when nothing is left pending. Never raises for a database
+        that is down: the entry stays spooled and is retried later.
+        """
+        self.spool(entry)
+        if time.monotonic() < self._next_attempt:
+            return False
+        return self._drain_once()
+
+    def _drain_once(self) -> bool:
+        try:
+            replay(self.url, self.pending())
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._delay = min(self._delay * 2, self.backoff_max_s)
+            self._next_attempt = time.monotonic() + self._delay
+            if not self._warned:
+                log.warning(
+                    "database %s unavailable; metrics are spooled in %s and "
+                    "retried (%s)",
+                    mask_url(self.url),
+                    self.spool_dir,
+                    str(exc).splitlines()[0],
+                )
+                self._warned = True
+            return False
+        if self._warned:
+            log.info("database %s reachable again", mask_url(self.url))
+            self._warned = False
+        self._delay = self.backoff_initial_s
+        self._next_attempt = 0.0
+        return True
+
+    def flush(self, timeout_s: float) -> int:
+        """Replay pending entries, retrying with backoff for up to timeout_s.
+
+        Returns the number of files still pending (0 = all committed).
+        """
+        if not self.pending():
+            return 0
+        if timeout_s <= 0:
+            self._drain_once()
+            return len(self.pending())
+        try:
+            for attempt in Retrying(
+                stop=stop_after_delay(timeout_s),
+                wait=wait_exponential(
+                    multiplier=self.backoff_initial_s, max=self.backoff_max_s
+                ),
+                retry=retry_if_exception(is_transient),
+                reraise=True,
+            ):
+                with attempt:
+                    replay(self.url, self.pending())
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+        return len(self.pending())
+
+
+def pending_files(spool_dir: Path) -> list[Path]:
+    """Return the committed-not-yet spool files of a folder, oldest first."""
+    if not spool_dir.is_dir():
+        return []
+    return sorted(spool_dir.glob("*.json"))
+
+
+def replay(url: str, files: Iterable[Path]) -> int:
+    """Commit spooled files one transaction each, deleting each after commit.
+
+    Returns rows newly stored. Raises on the first failure, leaving that file
+    and the ones after it pending.
+    """
+    engine = get_engine(url)
+    stored = 0
+    for path in files:
+        try:
+            entry = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue  # committed meanwhile by another process
+        with session_scope(engine) as session:
+            stored += apply_entry(session, entry)
+        path.unlink(missing_ok=True)
+    return stored
+
+
+def find_spool_dirs(root: Path) -> list[Path]:
+    """Return every spool folder under root."""
+    return sorted(p for p in Path(root).rglob(SPOOL_DIRNAME) if p.is_dir())
+
+
+def sync(url: str, root: Path) -> tuple[int, int, int]:
+    """Replay every spool under root; return (files, rows stored, rejected).
+
+    Entries the database rejects for good (say, their run was deleted) are
+    moved to a ``rejected`` folder beside the spool so they stop blocking.
+    """
+    files = stored = rejected = 0
+    engine = get_engine(url)
+    for folder in find_spool_dirs(root):
+        for path in pending_files(folder):
+            files += 1
+            try:
+                entry = json.loads(path.read_text())
+                with session_scope(engine) as session:
+                    stored += apply_entry(session, entry)
+            except (IntegrityError, ValueError, KeyError) as exc:
+                target = folder.parent / REJECTED_DIRNAME
+                target.mkdir(exist_ok=True)
+                path.replace(target / path.name)
+                rejected += 1
+                log.error("rejected %s: %s", path, str(exc).splitlines()[0])
+                continue
+            path.unlink(missing_ok=True)
+    return files, stored, rejected
