@@ -89,9 +89,10 @@ def train_settings(cfg: AppConfig, **overrides: Any) -> TrainSettings:
 
 def run_centralized(cfg: AppConfig) -> CentralizedResult:
     """Train on the train split, select on val, record one centralized run."""
+    # Validate the input before touching the database: bad data leaves no trace.
+    data = load_data(cfg, allow_synthetic_fallback=True)
     url = database_url(cfg)
     upgrade_database(url)
-    data = load_data(cfg, allow_synthetic_fallback=True)
     train, val = data.split("train"), data.split("val")
     test = data.splits.get("test")
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
