@@ -90,6 +90,58 @@ def train(overrides: Overrides = None) -> None:
     print_centralized_summary(console, result, database_url(cfg))
 
 
+@app.command(context_settings=OVERRIDES_CONTEXT)
+def run(
+    overrides: Overrides = None,
+    multirun: Annotated[
+        bool, typer.Option("--multirun", "-m", help="Sweep: one run per combination.")
+    ] = False,
+    flower_logs: Annotated[
+        bool, typer.Option("--flower-logs", help="Echo Flower's own log lines.")
+    ] = False,
+) -> None:
+    """Run a federated simulation (one Run per session) and print its summary."""
+    from fedpneumo.federated import run_sessions
+    from fedpneumo.summary import print_federated_summary
+
+    outcomes = run_sessions(overrides or [], multirun=multirun, echo=flower_logs)
+    for outcome in outcomes:
+        print_federated_summary(console, outcome)
+    _exit_on_failures(outcomes)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[int, typer.Argument(help="The tracking database's run id.")],
+    db: DbOption = None,
+    outputs: Annotated[
+        Path, typer.Option(help="Outputs folder holding the default SQLite file.")
+    ] = Path("outputs"),
+    force: Annotated[
+        bool, typer.Option(help="Resume even if the run looks alive.")
+    ] = False,
+) -> None:
+    """Continue a federated run from its last completed round."""
+    from fedpneumo.federated import resume_session
+    from fedpneumo.summary import print_federated_summary
+    from persistence.db import default_database_url
+
+    url = db or default_database_url(outputs)
+    outcome = resume_session(run_id, url, echo=False, force=force)
+    print_federated_summary(console, outcome)
+    _exit_on_failures([outcome])
+
+
+def _exit_on_failures(outcomes: list) -> None:
+    failed = [o for o in outcomes if not o.ok]
+    for o in failed:
+        reason = (o.run.error_message if o.run else None) or o.flower.details
+        label = f"run {o.run.id}" if o.run else f"Flower run {o.flower.flwr_run_id}"
+        sys.stderr.write(f"error: federated {label} failed: {reason}\n")
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Option(help="A saved model (best_model.pt).")],

@@ -115,6 +115,8 @@ class StrategyConfig:
 
     name: str = "fedavg"
     fraction_train: float = 1.0
+    # A round fails the run when fewer of the sampled clients reply.
+    min_success_fraction: float = 0.5
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -353,6 +355,12 @@ def validate(cfg: AppConfig) -> None:
         cfg.strategy.fraction_train,
         "it must be in (0, 1]",
     )
+    _check(
+        0 < cfg.strategy.min_success_fraction <= 1,
+        "strategy.min_success_fraction",
+        cfg.strategy.min_success_fraction,
+        "it must be in (0, 1]",
+    )
     _choice("strategy.name", cfg.strategy.name, list(STRATEGY_CLASSES))
     _validate_strategy_params(cfg.strategy)
     _choice(
@@ -409,6 +417,23 @@ def database_url(cfg: AppConfig) -> str:
             "postgresql://user:password@host:5432/database"
         )
     return url
+
+
+def config_from_snapshot(data: dict[str, Any], current: AppConfig) -> AppConfig:
+    """Rebuild a run's config from its stored snapshot (for resume).
+
+    The database section comes from ``current``: the snapshot's URL is masked.
+    """
+    known = {k: v for k, v in data.items() if k in AppConfig.__dataclass_fields__}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(AppConfig), known)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _explain_omegaconf_error(exc) from None
+    assert isinstance(cfg, AppConfig)
+    cfg.db = current.db
+    validate(cfg)
+    return cfg
 
 
 def snapshot(cfg: AppConfig, **extra: Any) -> dict[str, Any]:

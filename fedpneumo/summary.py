@@ -53,3 +53,50 @@ def print_centralized_summary(console: Console, result: Any, url: str) -> None:
     console.print(f"checkpoint: {summary.get('checkpoint_path')}")
     console.print(f"metrics:    {result.save_dir}")
     console.print(f"database:   {mask_url(url)}")
+
+
+def print_federated_summary(console: Console, outcome: Any) -> None:
+    """Print the outcome of one federated session from the tracking database."""
+    from sqlalchemy import select
+
+    from persistence.db import get_engine, session_scope
+    from persistence.models import Run, ServerEvaluation
+
+    run = outcome.run
+    flower = outcome.flower
+    if run is None:
+        console.print(
+            f"Flower run {flower.flwr_run_id}: {flower.status} {flower.details}".strip()
+        )
+        return
+    with session_scope(get_engine(outcome.url)) as db:
+        run = db.get(Run, run.id)
+        evals = db.scalars(
+            select(ServerEvaluation)
+            .where(ServerEvaluation.run_id == run.id)
+            .order_by(ServerEvaluation.round_number)
+        ).all()
+        table = Table(
+            title=f"federated run {run.id}: {run.status} "
+            f"({run.strategy}, {run.partition}, {run.rounds_completed}/"
+            f"{run.num_rounds} rounds)"
+        )
+        for col in ("round", "loss", "accuracy", "auroc", "f1_score", "threshold"):
+            table.add_column(col, justify="right")
+        for ev in evals:
+            table.add_row(
+                str(ev.round_number),
+                fmt(ev.loss),
+                fmt(ev.accuracy),
+                fmt(ev.auroc),
+                fmt(ev.f1_score),
+                fmt(ev.threshold),
+            )
+        console.print(table)
+        if run.error_message:
+            console.print(f"error:      {run.error_message}", markup=False)
+        console.print(f"flower run: {flower.flwr_run_id} ({flower.status})")
+        console.print(f"best model: {run.checkpoint_path}")
+        console.print(f"final:      {run.final_model_path}")
+        console.print(f"outputs:    {run.outputs_path}")
+        console.print(f"database:   {mask_url(outcome.url)}")

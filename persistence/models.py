@@ -295,3 +295,32 @@ class ServerEvaluation(Base):
             f"ServerEvaluation(run_id={self.run_id}, round={self.round_number}, "
             f"auroc={self.auroc})"
         )
+
+
+class ClientFailure(Base):
+    """A client that raised in a round instead of replying."""
+
+    __tablename__ = "client_failures"
+    __table_args__ = (
+        UniqueConstraint(
+            "run_id", "round_number", "node_id", name="uq_client_failures_round_node"
+        ),
+        *_non_negative("round_number"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), index=True
+    )
+    round_number: Mapped[int] = mapped_column(Integer)
+    # Flower's node id is a random uint64, wider than BIGINT: stored as text.
+    node_id: Mapped[str] = mapped_column(String(20))
+    client_identifier: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientFailure(run_id={self.run_id}, round={self.round_number}, "
+            f"node={self.node_id})"
+        )

@@ -19,6 +19,7 @@ from persistence.models import (
     TRAINING_MODES,
     Base,
     Client,
+    ClientFailure,
     Experiment,
     Run,
     RunMetric,
@@ -290,10 +291,34 @@ def add_server_evaluation(
     return result.first() is not None
 
 
+def add_client_failure(
+    session: Session,
+    *,
+    run_id: int,
+    round_number: int,
+    node_id: int | str,
+    reason: str,
+    client_identifier: str | None = None,
+) -> bool:
+    """Record a client that raised in a round; return False if already recorded."""
+    stmt: Insert = _insert(session, ClientFailure).values(
+        run_id=run_id,
+        round_number=round_number,
+        node_id=str(node_id),
+        client_identifier=client_identifier,
+        reason=reason,
+        created_at=utcnow(),
+    )
+    stmt = stmt.on_conflict_do_nothing(
+        index_elements=["run_id", "round_number", "node_id"]
+    )
+    return session.execute(stmt.returning(ClientFailure.id)).first() is not None
+
+
 def delete_rounds_after(session: Session, *, run_id: int, round_number: int) -> int:
     """Delete a run's per-round rows after a round (the unfinished tail of a run)."""
     deleted = 0
-    for model in (RunMetric, ServerEvaluation):
+    for model in (RunMetric, ServerEvaluation, ClientFailure):
         result = session.execute(
             delete(model).where(
                 model.run_id == run_id, model.round_number > round_number

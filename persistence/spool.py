@@ -118,6 +118,16 @@ def apply_entry(session: Any, entry: Mapping[str, Any]) -> int:
             eval_seconds=entry.get("eval_seconds"),
         )
         return int(stored)
+    if kind == "client_failure":
+        stored = repo.add_client_failure(
+            session,
+            run_id=entry["run_id"],
+            round_number=entry["round_number"],
+            node_id=entry["node_id"],
+            reason=entry["reason"],
+            client_identifier=entry.get("client_identifier"),
+        )
+        return int(stored)
     raise ValueError(f"unknown spool entry kind {kind!r}")
 
 

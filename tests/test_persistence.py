@@ -26,7 +26,14 @@ from persistence.db import (
 from persistence.models import Base, Run, RunMetric, ServerEvaluation, utcnow
 from persistence.repositories import MetricPoint
 
-TABLES = ["clients", "experiments", "run_metrics", "runs", "server_evaluations"]
+TABLES = [
+    "client_failures",
+    "clients",
+    "experiments",
+    "run_metrics",
+    "runs",
+    "server_evaluations",
+]
 UINT64_MAX = 2**64 - 1
 
 

@@ -1,0 +1,134 @@
+"""The Flower ClientApp: thin handlers over the plain PyTorch trainer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+
+from client_app.messages import (
+    INFO_RECORD,
+    RELAY_RECORD,
+    TrainInstructions,
+    encode_relay_rows,
+    reply_metrics,
+)
+from client_app.metrics_collector import MetricsCollectorCallback
+from client_app.model import build_model
+from client_app.partition import PartitionSpec, client_split
+from client_app.trainer import TrainSettings, fit
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+# Test-only fault hook: "PARTITION:ROUND" makes that client raise in that round.
+FAULT_ENV = "FEDPNEUMO_FAULT_CLIENT_ROUND"
+
+
+def _maybe_fail(partition_id: int, server_round: int) -> None:
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault and fault == f"{partition_id}:{server_round}":
+        raise RuntimeError(
+            f"injected fault: client {partition_id} fails round {server_round}"
+        )
+
+
+def _partition_spec(ins: TrainInstructions, num_partitions: int) -> PartitionSpec:
+    return PartitionSpec(
+        data_path=ins.data_path or None,
+        limit=ins.data_limit or None,
+        image_size=ins.image_size,
+        seed=ins.seed,
+        name=ins.partition_name,
+        alpha=ins.partition_alpha,
+        classes_per_client=ins.partition_classes,
+        min_partition_size=ins.partition_min_size,
+        num_partitions=num_partitions,
+        val_fraction=ins.client_val_fraction,
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this hospital's partition."""
+    ins = TrainInstructions.from_config(msg.content["config"])
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    client_identifier = f"client-{partition_id}"
+    _maybe_fail(partition_id, ins.server_round)
+    torch.set_num_threads(max(ins.num_threads, 1))
+
+    train_split, val_split = client_split(
+        _partition_spec(ins, num_partitions), partition_id
+    )
+    model = build_model(
+        ins.model_name,
+        width=ins.model_width,
+        dropout=ins.model_dropout,
+        norm=ins.model_norm,
+    )
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+
+    outputs_dir = str(context.node_config.get("outputs-dir") or ins.outputs_dir)
+    relay = ins.client_writes == "relay"
+    collector = MetricsCollectorCallback(
+        Path(outputs_dir) / "runs" / str(ins.run_id) / "clients" / client_identifier,
+        run_id=ins.run_id,
+        training_mode="federated",
+        enable_db_persistence=ins.enable_db,
+        database_url=None if relay else (ins.db_url or None),
+        client_identifier=client_identifier,
+        round_number=ins.server_round,
+        partition_id=partition_id,
+        node_id=context.node_id,
+        num_examples=len(train_split),
+        relay=relay,
+        # A down database must not stall the round: the server replays later.
+        flush_timeout_s=0,
+    )
+    settings = TrainSettings(
+        epochs=ins.local_epochs,
+        batch_size=ins.batch_size,
+        lr=ins.lr,
+        optimizer=ins.optimizer,
+        weight_decay=ins.weight_decay,
+        pos_weight=ins.pos_weight or None,
+        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+        augment=ins.augment,
+        device=ins.device,
+        # Distinct, reproducible shuffles per client and round.
+        seed=ins.seed * 100_003 + partition_id * 1_009 + ins.server_round,
+    )
+    result = fit(model, train_split, val_split, settings, callbacks=[collector])
+
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord(
+                reply_metrics(result.history[-1], len(train_split))
+            ),
+            INFO_RECORD: ConfigRecord(
+                {
+                    "client-identifier": client_identifier,
+                    "partition-id": partition_id,
+                    "num-examples": len(train_split),
+                }
+            ),
+        }
+    )
+    if relay:
+        points = [p for batch in collector.relay_batches for p in batch.points]
+        content[RELAY_RECORD] = ConfigRecord(encode_relay_rows(points))
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,127 @@
+"""Split the training data among simulated hospitals with flwr-datasets.
+
+The partitioners run on an in-memory ``datasets.Dataset`` of labels and row
+indices (no Hub access, no image copies) and are cached per process: a Ray
+actor serves many virtual clients one after another.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from datasets import Dataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    PathologicalPartitioner,
+)
+from flwr_datasets.partitioner.partitioner import Partitioner
+
+from client_app.data import DataError, Split, XrayData, limit_split, resolve_data
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """Everything that determines one client's data (hashable, for caching)."""
+
+    data_path: str | None
+    limit: int | None
+    image_size: int
+    seed: int
+    name: str
+    alpha: float
+    classes_per_client: int
+    min_partition_size: int
+    num_partitions: int
+    val_fraction: float
+
+
+def make_partitioner(spec: PartitionSpec) -> Partitioner:
+    """Build the flwr-datasets partitioner the spec names."""
+    if spec.name == "iid":
+        return IidPartitioner(num_partitions=spec.num_partitions)
+    if spec.name == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=spec.num_partitions,
+            partition_by="label",
+            alpha=spec.alpha,
+            min_partition_size=spec.min_partition_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=spec.seed,
+        )
+    if spec.name == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=spec.num_partitions,
+            partition_by="label",
+            num_classes_per_partition=spec.classes_per_client,
+            class_assignment_mode="random",
+            shuffle=True,
+            seed=spec.seed,
+        )
+    raise ValueError(
+        f"partition.name {spec.name!r} is not one of iid, dirichlet, pathological"
+    )
+
+
+@lru_cache(maxsize=4)
+def load_training_data(
+    path: str | None, limit: int | None, image_size: int, seed: int
+) -> XrayData:
+    """Load (and cache per process) the data every client partitions."""
+    data = resolve_data(path, image_size=image_size)
+    if limit is None:
+        return data
+    splits = {k: limit_split(v, limit, seed) for k, v in data.splits.items()}
+    return XrayData(splits=splits, source=data.source, synthetic=data.synthetic)
+
+
+@lru_cache(maxsize=4)
+def partition_indices(spec: PartitionSpec) -> tuple[np.ndarray, ...]:
+    """Return the train-split row indices of every partition (cached)."""
+    labels = (
+        load_training_data(spec.data_path, spec.limit, spec.image_size, spec.seed)
+        .split("train")
+        .labels
+    )
+    if spec.num_partitions * max(spec.min_partition_size, 1) > len(labels):
+        raise DataError(
+            f"simulation.num_supernodes={spec.num_partitions} needs at least "
+            f"{spec.num_partitions * spec.min_partition_size} training images "
+            f"(partition.min_partition_size={spec.min_partition_size} each) but "
+            f"there are {len(labels)}; use fewer clients or a smaller "
+            "partition.min_partition_size"
+        )
+    dataset = Dataset.from_dict(
+        {"label": labels.tolist(), "row": list(range(len(labels)))}
+    )
+    if spec.name == "iid":  # IidPartitioner splits in order: shuffle first
+        dataset = dataset.shuffle(seed=spec.seed).flatten_indices()
+    partitioner = make_partitioner(spec)
+    partitioner.dataset = dataset
+    return tuple(
+        np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+        for i in range(spec.num_partitions)
+    )
+
+
+def client_split(spec: PartitionSpec, partition_id: int) -> tuple[Split, Split]:
+    """Return one client's (train, local validation) data."""
+    if not 0 <= partition_id < spec.num_partitions:
+        raise ValueError(
+            f"partition-id {partition_id} is outside 0..{spec.num_partitions - 1}"
+        )
+    train = load_training_data(
+        spec.data_path, spec.limit, spec.image_size, spec.seed
+    ).split("train")
+    rows = partition_indices(spec)[partition_id]
+    rng = np.random.default_rng([spec.seed, partition_id])
+    rows = rng.permutation(rows)
+    n_val = int(round(len(rows) * spec.val_fraction)) if len(rows) > 1 else 0
+    n_val = max(n_val, 1) if len(rows) > 1 else 0
+    return train.subset(rows[n_val:]), train.subset(rows[:n_val])

@@ -1,0 +1,268 @@
+"""Run the Flower app through `flwr run` on a private, short-lived SuperLink.
+
+Flower's managed local SuperLink is detached and keeps the environment and
+working directory of the first `flwr run` forever. `fedpneumo run` instead
+starts its own simulation SuperLink for each command, with this command's
+environment (DATABASE_URL included) and working directory, and stops it after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpneumo.pg_server import free_port
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[1]
+CONNECTION = "fedpneumo-local"
+STARTED = re.compile(r"Successfully started run (\d+)")
+READY_TIMEOUT_S = 60.0
+
+
+@dataclass
+class FlowerOutcome:
+    """How Flower saw a run end."""
+
+    flwr_run_id: int | None
+    status: str
+    details: str
+    returncode: int
+
+    @property
+    def completed(self) -> bool:
+        """Whether Flower reports the run as completed."""
+        return self.status == "finished:completed"
+
+
+def _bin(name: str) -> str:
+    """Return a console script of this environment (the venv's, not PATH's)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def descendants(pid: int) -> list[int]:
+    """Return all descendant process ids of pid (from /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name, which may contain spaces.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def kill_tree(pid: int, grace_s: float = 5.0) -> None:
+    """Terminate a process and all its descendants; SIGKILL what lingers.
+
+    Descendants are collected first: Flower's SuperExec and Ray's workers run
+    in sessions of their own, so a process-group kill would miss them.
+    """
+    victims = [*descendants(pid), pid]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for victim in victims:
+            try:
+                os.kill(victim, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 0)
+        while time.monotonic() < deadline and any(_alive(v) for v in victims):
+            time.sleep(0.1)
+    for victim in victims:  # reap our own children
+        try:
+            os.waitpid(victim, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def toml_string(value: str) -> str:
+    """Quote a string as a TOML basic string (JSON escapes are valid TOML)."""
+    return json.dumps(value)
+
+
+class LocalSuperLink:
+    """A private simulation SuperLink for one fedpneumo command."""
+
+    def __init__(self, env: Mapping[str, str], cwd: Path) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="fedpneumo-flwr-"))
+        self.port = free_port()
+        self.cwd = cwd
+        self.env = {
+            **env,
+            "FLWR_HOME": str(self.home),
+            # The app runs in this environment; never `uv sync` at run time.
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LocalSuperLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the SuperLink and wait until it answers."""
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
+            "insecure = true\n"
+        )
+        logfile = (self.home / "superlink.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                _bin("flower-superlink"),
+                "--simulation",
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.home / "state.db"),
+            ],
+            env=self.env,
+            cwd=self.cwd,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        url = f"http://127.0.0.1:{self.port}/health"
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    "flower-superlink exited early: "
+                    + (self.home / "superlink.log").read_text()[-2000:]
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not answer on {url}")
+            time.sleep(0.2)
+
+    def submit(
+        self,
+        run_config: Mapping[str, str | int],
+        federation_config: str,
+        on_line: Callable[[str], None],
+    ) -> FlowerOutcome:
+        """Run the app to its end with `flwr run --stream`; return Flower's verdict."""
+        args = [
+            _bin("flwr"),
+            "run",
+            str(APP_DIR),
+            CONNECTION,
+            "--federation-config",
+            federation_config,
+            "--stream",
+        ]
+        for key, value in run_config.items():
+            quoted = toml_string(value) if isinstance(value, str) else str(value)
+            args += ["--run-config", f"{key}={quoted}"]
+        proc = subprocess.Popen(
+            args,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        self.flwr_proc = proc
+        run_id: int | None = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if run_id is None and (match := STARTED.search(line)):
+                run_id = int(match.group(1))
+                self.flwr_run_id = run_id
+            on_line(line.rstrip("\n"))
+        returncode = proc.wait()
+        if run_id is None:
+            return FlowerOutcome(None, "not-started", "flwr run failed", returncode)
+        status, details = self.status(run_id)
+        return FlowerOutcome(run_id, status, details, returncode)
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        """Return Flower's (status, details) of a run."""
+        result = subprocess.run(
+            [
+                _bin("flwr"),
+                "ls",
+                CONNECTION,
+                "--run-id",
+                str(run_id),
+                "--format",
+                "json",
+            ],
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        try:
+            runs = json.loads(result.stdout)["runs"]
+            return runs[0]["status"], runs[0].get("status-details", "")
+        except (ValueError, KeyError, IndexError):
+            return "unknown", result.stdout.strip()[-500:]
+
+    def stop_run(self, run_id: int) -> None:
+        """Ask Flower to stop a run (best effort)."""
+        subprocess.run(
+            [_bin("flwr"), "stop", str(run_id), CONNECTION],
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+
+    def stop(self) -> None:
+        """Stop the SuperLink with everything it started, and delete its home."""
+        if self.proc is not None:
+            kill_tree(self.proc.pid)
+            self.proc = None
+        shutil.rmtree(self.home, ignore_errors=True)

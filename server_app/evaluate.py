@@ -1,0 +1,122 @@
+"""Server-side evaluation of the global model, model checkpoints and round state."""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from client_app.data import Split
+from client_app.metrics import SERVER_EVAL_KEYS
+from client_app.trainer import evaluate, save_checkpoint
+from fedpneumo.config import AppConfig
+from fedpneumo.progress import ProgressReporter
+from server_app.recorder import RunRecorder
+
+log = logging.getLogger(__name__)
+
+BEST_MODEL = "best_model.pt"
+FINAL_MODEL = "final_model.pt"
+ROUND_STATE = "round_state.pkl"
+
+
+def save_round_state(
+    path: Path, arrays: ArrayRecord, round_number: int, extra: dict[str, Any]
+) -> None:
+    """Write the global model, the round and strategy state, atomically."""
+    state = {
+        "round": round_number,
+        "state_dict": {k: v.cpu() for k, v in arrays.to_torch_state_dict().items()},
+        **extra,
+    }
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as fh:
+        pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.replace(path)
+
+
+def load_round_state(path: Path) -> dict[str, Any]:
+    """Read the state written by ``save_round_state`` (this run's own file)."""
+    with path.open("rb") as fh:
+        return pickle.load(fh)  # noqa: S301 - written by this program for this run
+
+
+class ServerEvaluator:
+    """The ``evaluate_fn`` of ``Strategy.start``: score, record, checkpoint."""
+
+    def __init__(
+        self,
+        cfg: AppConfig,
+        model: torch.nn.Module,
+        val: Split,
+        recorder: RunRecorder,
+        run_dir: Path,
+        meta: dict[str, Any],
+        *,
+        round_offset: int = 0,
+        best_auroc: float = -math.inf,
+        reporter: ProgressReporter | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.val = val
+        self.recorder = recorder
+        self.run_dir = run_dir
+        self.meta = meta
+        self.round_offset = round_offset
+        self.best_auroc = best_auroc
+        self.reporter = reporter
+        self.strategy: Any = None
+        self.history: dict[int, dict[str, float]] = {}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate the global model after ``server_round`` (0 = initial)."""
+        round_number = server_round + self.round_offset
+        if server_round == 0 and self.round_offset > 0:
+            return None  # the initial model was evaluated before the resume
+        started = time.perf_counter()
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = evaluate(self.model, self.val, device=self.cfg.train.device)
+        seconds = time.perf_counter() - started
+        self.history[round_number] = metrics
+        self.recorder.record_evaluation(round_number, metrics, seconds)
+        auroc = metrics["auroc"]
+        if not math.isnan(auroc) and auroc > self.best_auroc:
+            self.best_auroc = auroc
+            path = save_checkpoint(
+                self.run_dir / BEST_MODEL,
+                self.model,
+                threshold=metrics["threshold"],
+                meta={**self.meta, "round": round_number},
+            )
+            self.recorder.update(checkpoint_path=str(path))
+        if server_round > 0:
+            extra = {
+                "best_auroc": self.best_auroc,
+                "strategy_state": self.strategy.state() if self.strategy else {},
+            }
+            save_round_state(self.run_dir / ROUND_STATE, arrays, round_number, extra)
+            self.recorder.update(rounds_completed=round_number)
+        if self.reporter is not None:
+            self.reporter.advance(round_number, metrics)
+        return MetricRecord(
+            {k: float(metrics[k]) for k in (*SERVER_EVAL_KEYS, "threshold")}
+        )
+
+    def save_final(self, arrays: ArrayRecord) -> Path:
+        """Save the final global model with its own val threshold."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        last = max(self.history) if self.history else 0
+        threshold = self.history.get(last, {}).get("threshold", 0.5)
+        return save_checkpoint(
+            self.run_dir / FINAL_MODEL,
+            self.model,
+            threshold=threshold,
+            meta={**self.meta, "round": last},
+        )

@@ -1,0 +1,227 @@
+"""The server's record of a federated run: one Run row and everything under it.
+
+Per-round writes go through the durable spool, so a database that is down
+mid-run delays rows instead of losing them; run status changes are retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+
+from persistence import repositories as repo
+from persistence.db import get_engine, mask_url, session_scope
+from persistence.repositories import MetricPoint
+from persistence.spool import (
+    SPOOL_DIRNAME,
+    DurableWriter,
+    EvaluationRecord,
+    MetricBatch,
+    find_spool_dirs,
+    is_transient,
+    pending_files,
+    replay,
+)
+
+log = logging.getLogger(__name__)
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+HEARTBEAT_INTERVAL_S = 30.0
+
+
+def concise_reason(text: str, limit: int = 500) -> str:
+    """Return the telling line of an error text (Ray tracebacks are long)."""
+    lines = [ln.strip() for ln in ANSI.sub("", text).splitlines() if ln.strip()]
+    if not lines:
+        return "unknown error"
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
+    reason = errors[-1] if errors else lines[-1]
+    return reason[:limit]
+
+
+class RunRecorder:
+    """Write a run's rows; ``run_id`` 0 with ``url`` None records nothing."""
+
+    def __init__(self, url: str | None, run_id: int, run_dir: Path) -> None:
+        self.url = url
+        self.run_id = run_id
+        self.run_dir = run_dir
+        self.writer = (
+            DurableWriter(url, run_dir / "server" / SPOOL_DIRNAME) if url else None
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether rows are written at all."""
+        return self.writer is not None
+
+    # Per-round rows (spooled) ------------------------------------------------
+
+    def record_evaluation(
+        self, round_number: int, metrics: Mapping[str, float], seconds: float
+    ) -> None:
+        """Store the server's evaluation of the global model."""
+        if self.writer:
+            record = EvaluationRecord(
+                run_id=self.run_id,
+                round_number=round_number,
+                metrics=dict(metrics),
+                eval_seconds=seconds,
+            )
+            self.writer.write(record.to_entry())
+
+    def record_client_rows(
+        self,
+        points: list[MetricPoint],
+        *,
+        client_identifier: str,
+        partition_id: int | None,
+        node_id: int | str | None,
+        num_examples: int | None,
+    ) -> None:
+        """Store metric rows a client relayed in its reply."""
+        if self.writer and points:
+            batch = MetricBatch(
+                run_id=self.run_id,
+                points=points,
+                client_identifier=client_identifier,
+                partition_id=partition_id,
+                node_id=None if node_id is None else str(node_id),
+                num_examples=num_examples,
+            )
+            self.writer.write(batch.to_entry())
+
+    def record_aggregate(self, round_number: int, metrics: Mapping[str, float]) -> None:
+        """Store a round's metrics aggregated over clients (no client id)."""
+        if not self.writer:
+            return
+        from client_app.metrics_collector import dataset_type_of
+
+        points = [
+            MetricPoint(
+                metric_name=name,
+                value=float(value),
+                step=0,
+                dataset_type=dataset_type_of(name),
+                round_number=round_number,
+            )
+            for name, value in metrics.items()
+            if isinstance(value, int | float)
+        ]
+        self.writer.write(MetricBatch(run_id=self.run_id, points=points).to_entry())
+
+    def record_failure(
+        self,
+        round_number: int,
+        node_id: int,
+        reason: str,
+        client_identifier: str | None,
+    ) -> None:
+        """Store a client that raised instead of replying."""
+        log.warning(
+            "round %d: client %s (node %d) failed: %s",
+            round_number,
+            client_identifier or "?",
+            node_id,
+            reason,
+        )
+        if self.writer:
+            self.writer.write(
+                {
+                    "kind": "client_failure",
+                    "batch_id": f"failure-{self.run_id}-{round_number}-{node_id}",
+                    "run_id": self.run_id,
+                    "round_number": round_number,
+                    "node_id": str(node_id),
+                    "client_identifier": client_identifier,
+                    "reason": reason,
+                }
+            )
+
+    # Run row -----------------------------------------------------------------
+
+    def _retrying(self, timeout_s: float) -> Retrying:
+        return Retrying(
+            stop=stop_after_delay(timeout_s),
+            wait=wait_exponential(multiplier=0.5, max=15),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        )
+
+    def update(self, *, best_effort: bool = True, **fields: Any) -> None:
+        """Set run columns (and the heartbeat); best effort when the db is down."""
+        if not self.url:
+            return
+        try:
+            with session_scope(get_engine(self.url)) as db:
+                repo.update_run(db, run_id=self.run_id, **fields)
+        except Exception as exc:
+            if not (best_effort and is_transient(exc)):
+                raise
+            log.debug("heartbeat skipped: %s", str(exc).splitlines()[0])
+
+    def start_heartbeat(self) -> None:
+        """Refresh the run's heartbeat in the background while the run lives."""
+        if not self.url or self._thread is not None:
+            return
+
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+                self.update()
+
+        self._thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def replay_all(self, timeout_s: float) -> int:
+        """Commit every spool of this run (server's and clients'); return pending."""
+        if not self.url:
+            return 0
+        folders = find_spool_dirs(self.run_dir)
+        try:
+            for attempt in self._retrying(timeout_s):
+                with attempt:
+                    for folder in folders:
+                        replay(self.url, pending_files(folder))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+        left = sum(len(pending_files(f)) for f in folders)
+        if left:
+            log.error(
+                "%d metric batches could not be written to %s; they are kept under "
+                "%s: run `fedpneumo sync --outputs %s` when the database is back",
+                left,
+                mask_url(self.url),
+                self.run_dir,
+                self.run_dir,
+            )
+        return left
+
+    def finish(self, status: str, error: str | None, timeout_s: float) -> None:
+        """Close the run, retrying while the database is unreachable."""
+        self._stop.set()
+        if not self.url:
+            return
+        for attempt in self._retrying(timeout_s):
+            with attempt, session_scope(get_engine(self.url)) as db:
+                repo.finish_run(
+                    db, run_id=self.run_id, status=status, error_message=error
+                )
+
+
+def finite_or_nan(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Return the numeric entries as floats (for MetricRecords and logs)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = float(value) if math.isfinite(float(value)) else math.nan
+    return out

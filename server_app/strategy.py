@@ -1,0 +1,196 @@
+"""Flower's own strategies, extended through their narrow hooks only.
+
+``make_strategy`` subclasses the configured ``flwr.serverapp.strategy`` class
+with ``TrackingMixin``, which adds the run id and training settings to every
+round's config, records each client's reply and failure, continues round
+numbers after a resume, and fails the run when too few clients reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from client_app.messages import INFO_RECORD, RELAY_RECORD, decode_relay_rows
+from fedpneumo.config import AppConfig, strategy_class
+from server_app.recorder import RunRecorder, concise_reason
+
+log = logging.getLogger(__name__)
+
+# Cross-round state of Flower's strategies (FedOpt family, FedAvgM), saved in
+# round checkpoints so that a resumed run continues the same optimisation.
+STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
+
+
+class TooFewRepliesError(RuntimeError):
+    """Fewer clients replied in a round than the run needs."""
+
+
+def nan_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of each metric over clients, skipping NaN values.
+
+    A client with a one-class validation slice has no AUROC; it should not
+    turn the round's aggregate into NaN.
+    """
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        weight = float(metrics[weight_key])
+        for key, value in metrics.items():
+            if key == weight_key or isinstance(value, list):
+                continue
+            if not math.isnan(float(value)):
+                totals[key] = totals.get(key, 0.0) + weight * float(value)
+                weights[key] = weights.get(key, 0.0) + weight
+    keys = {k for r in records for k in next(iter(r.metric_records.values()))}
+    return MetricRecord(
+        {
+            k: totals[k] / weights[k] if weights.get(k) else math.nan
+            for k in sorted(keys - {weight_key})
+        }
+    )
+
+
+class TrackingMixin:
+    """Hooks around a Flower strategy; see the module docstring."""
+
+    recorder: RunRecorder
+    round_offset: int
+    train_settings: dict[str, Any]
+    min_success_fraction: float
+    client_of_node: dict[int, str]
+
+    def attach(
+        self,
+        recorder: RunRecorder,
+        train_settings: dict[str, Any],
+        *,
+        round_offset: int = 0,
+        min_success_fraction: float = 0.5,
+    ) -> None:
+        """Connect the strategy to this run's recorder and settings."""
+        self.recorder = recorder
+        self.train_settings = train_settings
+        self.round_offset = round_offset
+        self.min_success_fraction = min_success_fraction
+        self.client_of_node = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the run id, the (continued) round and the training settings."""
+        round_number = server_round + self.round_offset
+        for key, value in self.train_settings.items():
+            config[key] = value
+        config["server-round"] = round_number
+        messages = list(
+            super().configure_train(round_number, arrays, config, grid)  # type: ignore[misc]
+        )
+        # Flower stamps its own round counter; clients must see the continued one.
+        config["server-round"] = round_number
+        self._sampled = len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record every reply (rows, failures), then aggregate as Flower does."""
+        round_number = server_round + self.round_offset
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        for message in replies:
+            if message.has_error():
+                node = message.metadata.src_node_id
+                self.recorder.record_failure(
+                    round_number,
+                    node,
+                    concise_reason(message.error.reason),
+                    self.client_of_node.get(node),
+                )
+            else:
+                self._record_reply(message)
+        needed = max(1, math.ceil(self.min_success_fraction * len(replies)))
+        if len(ok) < needed:
+            failed = [
+                self.client_of_node.get(m.metadata.src_node_id)
+                or str(m.metadata.src_node_id)
+                for m in replies
+                if m.has_error()
+            ]
+            raise TooFewRepliesError(
+                f"round {round_number}: only {len(ok)} of {len(replies)} clients "
+                f"replied (need {needed}); failed: {', '.join(failed)}"
+            )
+        arrays, metrics = super().aggregate_train(round_number, ok)  # type: ignore[misc]
+        if metrics is not None:
+            self.recorder.record_aggregate(round_number, dict(metrics))
+        return arrays, metrics
+
+    def _record_reply(self, message: Message) -> None:
+        info = message.content.config_records.get(INFO_RECORD)
+        if info is None:
+            return
+        node = message.metadata.src_node_id
+        identifier = str(info["client-identifier"])
+        self.client_of_node[node] = identifier
+        relay = message.content.config_records.get(RELAY_RECORD)
+        if relay is not None:
+            self.recorder.record_client_rows(
+                decode_relay_rows(relay),
+                client_identifier=identifier,
+                partition_id=int(info["partition-id"]),
+                node_id=node,
+                num_examples=int(info["num-examples"]),
+            )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Continue round numbers after a resume."""
+        return super().configure_evaluate(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, grid
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Continue round numbers after a resume."""
+        return super().aggregate_evaluate(  # type: ignore[misc]
+            server_round + self.round_offset, replies
+        )
+
+    def state(self) -> dict[str, Any]:
+        """Return the strategy's cross-round state (picklable)."""
+        return {
+            name: getattr(self, name)
+            for name in STATE_ATTRIBUTES
+            if getattr(self, name, None) is not None
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Restore state saved by ``state``."""
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+def make_strategy(cfg: AppConfig, num_nodes: int) -> Any:
+    """Instantiate the configured Flower strategy with tracking hooks."""
+    base = strategy_class(cfg.strategy.name)
+    tracked = type(f"Tracked{base.__name__}", (TrackingMixin, base), {})
+    sampled = max(1, math.ceil(cfg.strategy.fraction_train * num_nodes))
+    return tracked(
+        fraction_train=cfg.strategy.fraction_train,
+        # Evaluation happens on the server's validation split every round.
+        fraction_evaluate=0.0,
+        min_train_nodes=sampled,
+        min_evaluate_nodes=0,
+        min_available_nodes=num_nodes,
+        train_metrics_aggr_fn=nan_weighted_mean,
+        **cfg.strategy.params,
+    )
