@@ -45,9 +45,11 @@ def _maybe_fail(partition_id: int, server_round: int) -> None:
         )
 
 
-def _partition_spec(ins: TrainInstructions, num_partitions: int) -> PartitionSpec:
+def _partition_spec(
+    ins: TrainInstructions, num_partitions: int, data_path: str
+) -> PartitionSpec:
     return PartitionSpec(
-        data_path=ins.data_path or None,
+        data_path=data_path or None,
         limit=ins.data_limit or None,
         image_size=ins.image_size,
         seed=ins.seed,
@@ -70,8 +72,10 @@ def train(msg: Message, context: Context) -> Message:
     _maybe_fail(partition_id, ins.server_round)
     torch.set_num_threads(max(ins.num_threads, 1))
 
+    # A SuperNode may hold its own copy of the data (--node-config data-path=...).
+    data_path = str(context.node_config.get("data-path") or ins.data_path)
     train_split, val_split = client_split(
-        _partition_spec(ins, num_partitions), partition_id
+        _partition_spec(ins, num_partitions, data_path), partition_id
     )
     model = build_model(
         ins.model_name,

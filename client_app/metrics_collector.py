@@ -22,7 +22,7 @@ from client_app.trainer import Callback
 from persistence import repositories as repo
 from persistence.db import default_database_url, get_engine, session_scope
 from persistence.repositories import MetricPoint
-from persistence.spool import SPOOL_DIRNAME, DurableWriter, MetricBatch
+from persistence.spool import SPOOL_DIRNAME, DurableWriter, MetricBatch, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,17 @@ class MetricsCollectorCallback(Callback):
     def _check_run(self) -> None:
         if self._run_checked or not self.enable_db_persistence or self.relay:
             return
-        with self._engine_session() as db:
-            self._ensure_run_exists(db)
+        try:
+            with self._engine_session() as db:
+                self._ensure_run_exists(db)
+        except Exception as exc:
+            # A given run id that cannot be checked right now (database down)
+            # is checked again later; its rows wait in the spool meanwhile and
+            # the foreign key still refuses them if the run does not exist.
+            if self.run_id is None or not is_transient(exc):
+                raise
+            log.warning("cannot check run %s now: %s", self.run_id, exc)
+            return
         self._run_checked = True
 
     def on_train_start(self) -> None:

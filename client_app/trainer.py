@@ -158,6 +158,7 @@ def _train_epoch(
     global_params: list[torch.Tensor] | None,
     s: TrainSettings,
     dev: torch.device,
+    epoch: int,
 ) -> dict[str, float]:
     model.train()
     total, correct, loss_sum = 0, 0, 0.0
@@ -174,7 +175,8 @@ def _train_epoch(
             loss = loss + 0.5 * s.proximal_mu * prox
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
-                f"training diverged: train loss is {loss.item()} (try a lower train.lr)"
+                f"training diverged at epoch {epoch}: train loss is {loss.item()} "
+                f"with train.lr={s.lr:g}; try a lower train.lr"
             )
         loss.backward()
         optimizer.step()
@@ -223,7 +225,9 @@ def fit(
             started = time.perf_counter()
             metrics = _prefixed(
                 "train",
-                _train_epoch(model, loader, optimizer, loss_fn, global_params, s, dev),
+                _train_epoch(
+                    model, loader, optimizer, loss_fn, global_params, s, dev, epoch
+                ),
             )
             if val is not None and len(val):
                 val_metrics = evaluate(model, val, device=s.device)

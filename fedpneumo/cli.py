@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from fedpneumo.config import ConfigError
+from fedpneumo.runs_cli import runs_app
 
 app = typer.Typer(
     help="Federated pneumonia detection with Flower, tracked in SQL.",
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Manage the tracking database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(runs_app, name="runs")
 
 console = Console()
 log = logging.getLogger("fedpneumo")
@@ -139,6 +141,34 @@ def _exit_on_failures(outcomes: list) -> None:
         label = f"run {o.run.id}" if o.run else f"Flower run {o.flower.flwr_run_id}"
         sys.stderr.write(f"error: federated {label} failed: {reason}\n")
     if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def sync(
+    outputs: Annotated[
+        Path, typer.Option(help="Outputs folder whose spools to replay.")
+    ] = Path("outputs"),
+    db: DbOption = None,
+) -> None:
+    """Write metric batches spooled while the database was unreachable."""
+    from persistence.db import DatabaseError, default_database_url, describe_error
+    from persistence.spool import is_transient
+    from persistence.spool import sync as replay_spools
+
+    if not outputs.is_dir():
+        raise typer.BadParameter(f"{outputs} is not a folder", param_hint="--outputs")
+    url = db or default_database_url(outputs)
+    try:
+        files, stored, rejected = replay_spools(url, outputs)
+    except Exception as exc:
+        if is_transient(exc):
+            raise DatabaseError(describe_error(exc, url)) from None
+        raise
+    console.print(
+        f"replayed {files} spooled batches: {stored} new rows, {rejected} rejected"
+    )
+    if rejected:
         raise typer.Exit(1)
 
 

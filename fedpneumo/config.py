@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import re
 import shlex
@@ -272,8 +273,18 @@ def _choice(key: str, value: Any, choices: Sequence[str | None]) -> None:
     )
 
 
+def _finite_floats(node: Any, prefix: str = "") -> None:
+    for name, value in vars(node).items():
+        key = f"{prefix}{name}"
+        if hasattr(value, "__dataclass_fields__"):
+            _finite_floats(value, key + ".")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), key, value, "it must be a finite number")
+
+
 def validate(cfg: AppConfig) -> None:
     """Check value ranges and choices that types alone cannot express."""
+    _finite_floats(cfg)
     _check(
         bool(cfg.experiment_name.strip()),
         "experiment_name",

@@ -127,6 +127,10 @@ class LocalSuperLink:
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PYTHONUNBUFFERED": "1",
+            # Flower finds flower-superexec, flwr-simulation, ... on PATH.
+            "PATH": os.pathsep.join(
+                [str(Path(sys.executable).parent), env.get("PATH", os.defpath)]
+            ),
         }
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 BEST_MODEL = "best_model.pt"
 FINAL_MODEL = "final_model.pt"
 ROUND_STATE = "round_state.pkl"
+# Test-only fault hook: the server raises after this round's training.
+FAULT_ENV = "FEDPNEUMO_FAULT_SERVER_ROUND"
 
 
 def save_round_state(
@@ -80,6 +83,8 @@ class ServerEvaluator:
         round_number = server_round + self.round_offset
         if server_round == 0 and self.round_offset > 0:
             return None  # the initial model was evaluated before the resume
+        if os.environ.get(FAULT_ENV) == str(round_number):
+            raise RuntimeError(f"injected server fault in round {round_number}")
         started = time.perf_counter()
         self.model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate(self.model, self.val, device=self.cfg.train.device)

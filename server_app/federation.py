@@ -285,4 +285,4 @@ def _train(
             evaluate_fn=evaluator,
         )
     final = evaluator.save_final(result.arrays)
-    recorder.update(best_effort=True, final_model_path=str(final))
+    recorder.update(final_model_path=str(final))

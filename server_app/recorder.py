@@ -7,7 +7,6 @@ mid-run delays rows instead of losing them; run status changes are retried.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 from collections.abc import Mapping
@@ -58,6 +57,8 @@ class RunRecorder:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Column values not yet stored because the database was down.
+        self._pending_fields: dict[str, Any] = {}
 
     @property
     def enabled(self) -> bool:
@@ -157,17 +158,20 @@ class RunRecorder:
             reraise=True,
         )
 
-    def update(self, *, best_effort: bool = True, **fields: Any) -> None:
-        """Set run columns (and the heartbeat); best effort when the db is down."""
+    def update(self, **fields: Any) -> None:
+        """Set run columns and the heartbeat; kept for later if the db is down."""
         if not self.url:
             return
+        self._pending_fields.update(fields)
         try:
             with session_scope(get_engine(self.url)) as db:
-                repo.update_run(db, run_id=self.run_id, **fields)
+                repo.update_run(db, run_id=self.run_id, **self._pending_fields)
         except Exception as exc:
-            if not (best_effort and is_transient(exc)):
+            if not is_transient(exc):
                 raise
-            log.debug("heartbeat skipped: %s", str(exc).splitlines()[0])
+            log.debug("run update deferred: %s", str(exc).splitlines()[0])
+            return
+        self._pending_fields = {}
 
     def start_heartbeat(self) -> None:
         """Refresh the run's heartbeat in the background while the run lives."""
@@ -213,15 +217,9 @@ class RunRecorder:
             return
         for attempt in self._retrying(timeout_s):
             with attempt, session_scope(get_engine(self.url)) as db:
+                if self._pending_fields:
+                    repo.update_run(db, run_id=self.run_id, **self._pending_fields)
                 repo.finish_run(
                     db, run_id=self.run_id, status=status, error_message=error
                 )
-
-
-def finite_or_nan(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Return the numeric entries as floats (for MetricRecords and logs)."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = float(value) if math.isfinite(float(value)) else math.nan
-    return out
+        self._pending_fields = {}

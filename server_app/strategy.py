@@ -118,19 +118,22 @@ class TrackingMixin:
         needed = max(1, math.ceil(self.min_success_fraction * len(replies)))
         if len(ok) < needed:
             failed = [
-                self.client_of_node.get(m.metadata.src_node_id)
-                or str(m.metadata.src_node_id)
+                f"{self._client_name(m)} ({concise_reason(m.error.reason)})"
                 for m in replies
                 if m.has_error()
             ]
             raise TooFewRepliesError(
                 f"round {round_number}: only {len(ok)} of {len(replies)} clients "
-                f"replied (need {needed}); failed: {', '.join(failed)}"
+                f"replied (need {needed}); failed: {'; '.join(failed)}"
             )
         arrays, metrics = super().aggregate_train(round_number, ok)  # type: ignore[misc]
         if metrics is not None:
             self.recorder.record_aggregate(round_number, dict(metrics))
         return arrays, metrics
+
+    def _client_name(self, message: Message) -> str:
+        node = message.metadata.src_node_id
+        return self.client_of_node.get(node, f"node {node}")
 
     def _record_reply(self, message: Message) -> None:
         info = message.content.config_records.get(INFO_RECORD)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import Engine
 
@@ -57,3 +60,40 @@ def _no_database_url_leak(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the developer's DATABASE_URL out of tests."""
     monkeypatch.delenv("DATABASE_URL", raising=False)
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real PneumoniaMNIST file, or a small generated one in its layout."""
+    if REAL_DATA.exists():
+        return REAL_DATA
+    from client_app.data import make_synthetic
+
+    data = make_synthetic(n_train=600, n_val=200, seed=3)
+    path = tmp_path_factory.mktemp("data") / "pneumoniamnist.npz"
+    np.savez(
+        path,
+        **{
+            f"{name}_{kind}": getattr(split, kind)
+            for name, split in data.splits.items()
+            for kind in ("images", "labels")
+        },
+    )
+    return path
+
+
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
+    """Run the fedpneumo CLI in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedpneumo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )

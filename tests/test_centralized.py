@@ -3,58 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from sqlalchemy import select
 
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope
 from persistence.models import Run, RunMetric
-from tests.conftest import REAL_DATA
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real PneumoniaMNIST file, or a small generated one in its layout."""
-    if REAL_DATA.exists():
-        return REAL_DATA
-    from client_app.data import make_synthetic
-
-    data = make_synthetic(n_train=600, n_val=200, seed=3)
-    path = tmp_path_factory.mktemp("data") / "pneumoniamnist.npz"
-    np.savez(
-        path,
-        **{
-            f"{name}_{kind}": getattr(split, kind)
-            for name, split in data.splits.items()
-            for kind in ("images", "labels")
-        },
-    )
-    return path
-
-
-def fedpneumo(
-    *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run the CLI in a subprocess, like a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "fedpneumo", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
+from tests.conftest import REAL_DATA, run_cli
 
 
 def test_train_then_evaluate_reproduces_val(
     db_url: str, tmp_path: Path, data_file: Path
 ) -> None:
-    result = fedpneumo(
+    result = run_cli(
         "train",
         f"data.path={data_file}",
         "data.limit=600",
@@ -85,7 +48,7 @@ def test_train_then_evaluate_reproduces_val(
         checkpoint = Path(run.checkpoint_path)
     assert checkpoint.is_file()
 
-    evaluated = fedpneumo(
+    evaluated = run_cli(
         "evaluate",
         "--checkpoint",
         str(checkpoint),
@@ -104,7 +67,7 @@ def test_train_then_evaluate_reproduces_val(
 
 def test_train_with_missing_data_path_fails_cleanly(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
-    result = fedpneumo(
+    result = run_cli(
         "train",
         f"data.path={tmp_path / 'nope.npz'}",
         f"outputs_dir={tmp_path}",

@@ -1,0 +1,165 @@
+"""Federated simulations through real `flwr run`, on real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import Engine, func, select, text
+
+from fedpneumo.config import STRATEGY_CLASSES
+from fedpneumo.launcher import LocalSuperLink
+from persistence.db import get_engine, session_scope
+from persistence.models import Client, Run, RunMetric, ServerEvaluation
+from tests.conftest import run_cli
+
+# Each epoch of each client reports these metrics (see the trainer).
+PER_EPOCH = 15
+SMALL = ("data.limit=300", "model.width=8", "simulation.num_supernodes=3")
+
+
+def small_run(data_file: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """Arguments of a quick 3-client simulation on a few hundred images."""
+    return [
+        "run",
+        f"data.path={data_file}",
+        *SMALL,
+        "num_rounds=2",
+        f"outputs_dir={tmp_path / 'out'}",
+        *extra,
+    ]
+
+
+def assert_complete_run(engine: Engine, clients: int, rounds: int) -> int:
+    """Assert the rows one completed federated run must have; return its id."""
+    with session_scope(engine) as s:
+        runs = s.scalars(select(Run)).all()
+        assert len(runs) == 1
+        run = runs[0]
+        assert (run.training_mode, run.status) == ("federated", "completed")
+        assert run.end_time is not None and run.rounds_completed == rounds
+        assert int(run.flwr_run_id) > 0
+        assert Path(run.checkpoint_path).is_file()
+        assert Path(run.final_model_path).is_file()
+        client_rows = s.scalars(select(Client)).all()
+        assert len(client_rows) == clients
+        assert {c.run_id for c in client_rows} == {run.id}
+        per_client = s.execute(
+            select(RunMetric.client_id, RunMetric.round_number, func.count())
+            .where(RunMetric.client_id.is_not(None))
+            .group_by(RunMetric.client_id, RunMetric.round_number)
+        ).all()
+        expected = {(c.id, r) for c in client_rows for r in range(1, rounds + 1)}
+        assert {(c, r) for c, r, _ in per_client} == expected
+        assert {n for _, _, n in per_client} == {PER_EPOCH}
+        assert s.scalar(select(func.count()).where(RunMetric.run_id != run.id)) == 0
+        aggregates = s.scalars(
+            select(RunMetric.round_number).where(RunMetric.client_id.is_(None))
+        ).all()
+        assert set(aggregates) == set(range(1, rounds + 1))
+        evals = s.scalars(
+            select(ServerEvaluation.round_number).where(
+                ServerEvaluation.run_id == run.id
+            )
+        ).all()
+        assert sorted(evals) == list(range(rounds + 1))
+        if engine.dialect.name == "sqlite":
+            assert s.execute(text("PRAGMA foreign_key_check")).all() == []
+        return run.id
+
+
+def test_federated_run_tracks_every_client_and_round(
+    db_url: str, tmp_path: Path, data_file: Path
+) -> None:
+    result = run_cli(*small_run(data_file, tmp_path), env={"DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "federated run" in result.stdout and "completed" in result.stdout
+    assert "round 2/2" in result.stderr  # progress lines off a terminal
+    assert_complete_run(get_engine(db_url), clients=3, rounds=2)
+
+
+def test_failing_server_app_marks_the_run_failed(
+    tmp_path: Path, data_file: Path
+) -> None:
+    db = f"sqlite:///{tmp_path / 'out' / 'fedpneumo.db'}"
+    result = run_cli(
+        *small_run(data_file, tmp_path),
+        env={"FEDPNEUMO_FAULT_SERVER_ROUND": "1"},
+    )
+    assert result.returncode == 1
+    assert "injected server fault in round 1" in result.stderr
+    with session_scope(get_engine(db)) as s:
+        run = s.scalars(select(Run)).one()
+        assert run.status == "failed" and run.end_time is not None
+        assert run.error_message == "RuntimeError: injected server fault in round 1"
+
+
+def test_every_strategy_completes_a_smoke_run(tmp_path: Path, data_file: Path) -> None:
+    sweep = "strategy=" + ",".join(STRATEGY_CLASSES)
+    result = run_cli(
+        *small_run(data_file, tmp_path, "-m", sweep, "data.limit=200"),
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    db = f"sqlite:///{tmp_path / 'out' / 'fedpneumo.db'}"
+    with session_scope(get_engine(db)) as s:
+        runs = s.scalars(select(Run)).all()
+        assert sorted(r.strategy for r in runs) == sorted(STRATEGY_CLASSES)
+        assert {r.status for r in runs} == {"completed"}
+        assert {r.experiment_id for r in runs} == {runs[0].experiment_id}
+        for run in runs:
+            rounds = s.scalars(
+                select(ServerEvaluation.round_number).where(
+                    ServerEvaluation.run_id == run.id
+                )
+            ).all()
+            assert sorted(rounds) == [0, 1, 2], run.strategy
+
+
+def test_plain_flwr_run_with_overrides_string(tmp_path: Path, data_file: Path) -> None:
+    """The Flower-native entry point: `flwr run . -c 'overrides="..."'`."""
+    db = tmp_path / "plain.db"
+    overrides = (
+        f"data.path={data_file} data.limit=300 model.width=8 "
+        "simulation.num_supernodes=2 num_rounds=1 strategy=fedprox "
+        f"partition.alpha=0.1 outputs_dir={tmp_path} db.sqlite_path={db}"
+    )
+    lines: list[str] = []
+    import os
+
+    with LocalSuperLink(dict(os.environ), tmp_path) as superlink:
+        outcome = superlink.submit(
+            {"overrides": overrides, "resume-run-id": 0},
+            "num-supernodes=2 client-resources-num-cpus=1",
+            lines.append,
+        )
+    assert outcome.completed, "\n".join(lines[-50:])
+    with session_scope(get_engine(f"sqlite:///{db}")) as s:
+        run = s.scalars(select(Run)).one()
+        assert (run.strategy, run.status) == ("fedprox", "completed")
+        assert run.config["partition"]["alpha"] == 0.1
+        assert run.partition == "dirichlet(alpha=0.1)"
+
+
+def test_bad_override_stops_before_anything_starts(tmp_path: Path) -> None:
+    result = run_cli("run", "partition.alpha=0", f"outputs_dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: partition.alpha=0.0 is invalid; it must be > 0"
+    ]
+    assert not (tmp_path / "fedpneumo.db").exists()
+
+
+def test_config_snapshot_has_no_password(pg_server, tmp_path: Path, data_file: Path):  # noqa: ANN001, ANN201
+    url = pg_server.create_database()
+    result = run_cli(
+        *small_run(data_file, tmp_path, "num_rounds=1", "simulation.num_supernodes=2"),
+        env={"DATABASE_URL": url},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert pg_server.password not in result.stdout + result.stderr
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert pg_server.password not in json.dumps(run.config)
+    logs = "".join(p.read_text() for p in (tmp_path / "out").rglob("*.log"))
+    assert pg_server.password not in logs
