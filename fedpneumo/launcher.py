@@ -76,21 +76,25 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(pid: int, grace_s: float = 5.0) -> None:
+def kill_tree(
+    pid: int,
+    grace_s: float = 5.0,
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL),
+) -> None:
     """Terminate a process and all its descendants; SIGKILL what lingers.
 
     Descendants are collected first: Flower's SuperExec and Ray's workers run
     in sessions of their own, so a process-group kill would miss them.
     """
     victims = [*descendants(pid), pid]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in signals:
         for victim in victims:
             try:
                 os.kill(victim, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 0)
-        while time.monotonic() < deadline and any(_alive(v) for v in victims):
+        while time.monotonic() < deadline and any(process_alive(v) for v in victims):
             time.sleep(0.1)
     for victim in victims:  # reap our own children
         try:
@@ -99,7 +103,8 @@ def kill_tree(pid: int, grace_s: float = 5.0) -> None:
             pass
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Return True if a process exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

@@ -35,14 +35,26 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HEARTBEAT_INTERVAL_S = 30.0
 
 
+ERROR_LINE = re.compile(r"^([\w.]+(?:Error|Exception|Interrupt)): (.+)$")
+DEPLOYED_ERROR = re.compile(r"<class '([\w.]+)'>:<'(.*)'>", re.S)
+WRAPPERS = ("ClientAppException",)
+
+
 def concise_reason(text: str, limit: int = 500) -> str:
-    """Return the telling line of an error text (Ray tracebacks are long)."""
+    """Return ``ErrorType: message`` of the original error in an error text.
+
+    Simulation errors are Ray tracebacks with the client's own exception
+    first and Flower's wrappers after it; deployed ones are one short line.
+    """
     lines = [ln.strip() for ln in ANSI.sub("", text).splitlines() if ln.strip()]
-    if not lines:
-        return "unknown error"
-    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
-    reason = errors[-1] if errors else lines[-1]
-    return reason[:limit]
+    for line in lines:
+        match = ERROR_LINE.match(line)
+        if match and not match.group(1).endswith(WRAPPERS):
+            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"[:limit]
+    deployed = DEPLOYED_ERROR.search(text)
+    if deployed:
+        return f"{deployed.group(1).rsplit('.', 1)[-1]}: {deployed.group(2)}"[:limit]
+    return (lines[-1] if lines else "unknown error")[:limit]
 
 
 class RunRecorder:
