@@ -13,6 +13,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class MissingRunError(LookupError):
     """A run id that has no row: the collector refuses to invent a run."""
 
 
+@lru_cache(maxsize=4096)
 def dataset_type_of(metric_name: str) -> str:
     """Return the split a metric key belongs to (``val_auroc`` -> ``val``)."""
     prefix = metric_name.split("_", 1)[0]

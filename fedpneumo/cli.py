@@ -172,6 +172,36 @@ def sync(
         raise typer.Exit(1)
 
 
+BENCHMARKS = (
+    "tracking_overhead",
+    "framework_overhead",
+    "write_throughput",
+    "scale",
+    "quality",
+    "gpu",
+)
+
+
+@app.command(context_settings=OVERRIDES_CONTEXT)
+def bench(
+    name: Annotated[str, typer.Argument(help="A benchmark, 'all' or 'report'.")],
+    args: Annotated[list[str] | None, typer.Argument(help="Its options.")] = None,
+) -> None:
+    """Run a benchmark (figures to benchmarks/results/) or render BENCHMARKS.md."""
+    import importlib
+
+    valid = (*BENCHMARKS, "all", "report")
+    if name not in valid:
+        raise typer.BadParameter(
+            f"{name!r} is not one of: {', '.join(valid)}", param_hint="NAME"
+        )
+    for each in BENCHMARKS if name == "all" else (name,):
+        module = importlib.import_module(f"benchmarks.{each}")
+        console.print(module.main(list(args or [])))
+    if name != "report":
+        importlib.import_module("benchmarks.report").main([])
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Option(help="A saved model (best_model.pt).")],

@@ -7,8 +7,9 @@ import logging
 import os
 import re
 import shlex
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -44,6 +45,9 @@ class SessionOutcome:
     flower: FlowerOutcome
     run: Run | None
     url: str
+    # Seconds since submission at which each round's evaluation was reported
+    # (round 0 = the initial model): start-up and per-round timings.
+    round_times: dict[int, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -151,6 +155,8 @@ class StreamHandler:
         self.logfile = logfile.open("a")
         self.echo = echo
         self.errors: list[str] = []
+        self.started = time.monotonic()
+        self.round_times: dict[int, float] = {}
 
     def __call__(self, line: str) -> None:
         """Handle one line of Flower's output."""
@@ -160,7 +166,9 @@ class StreamHandler:
             log.info("%s", line)
         if match := PROGRESS.search(line):
             metrics = {k: float(v) for k, v in METRIC.findall(match.group(3))}
-            self.reporter.advance(int(match.group(1)), metrics)
+            round_number = int(match.group(1))
+            self.round_times[round_number] = time.monotonic() - self.started
+            self.reporter.advance(round_number, metrics)
         elif "ERROR" in line or "Traceback" in line:
             self.errors.append(line)
 
@@ -185,7 +193,9 @@ def launch(
             _interrupted(superlink, url)
             raise
     run = find_run(url, outcome.flwr_run_id)
-    return SessionOutcome(cfg=cfg, flower=outcome, run=run, url=url)
+    return SessionOutcome(
+        cfg=cfg, flower=outcome, run=run, url=url, round_times=handler.round_times
+    )
 
 
 def _interrupted(superlink: LocalSuperLink, url: str) -> None:

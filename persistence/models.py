@@ -215,9 +215,8 @@ class RunMetric(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    run_id: Mapped[int] = mapped_column(
-        ForeignKey("runs.id", ondelete="CASCADE"), index=True
-    )
+    # Looked up through uq_run_metrics_key, whose first column is run_id.
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     client_id: Mapped[int | None] = mapped_column(
         ForeignKey("clients.id", ondelete="CASCADE"), index=True
     )

@@ -254,3 +254,51 @@ def test_unreachable_and_wrong_password_postgres(pg_server) -> None:  # noqa: AN
     with pytest.raises(DatabaseError, match="unreachable") as err:
         upgrade_database(down)
     assert "hunter2" not in str(err.value)
+
+
+def test_large_batches_round_trip_and_stay_idempotent(engine: Engine) -> None:
+    """Large batches take PostgreSQL's COPY path; the result must be identical."""
+    run_id = _new_run(engine, mode="federated")
+    values = [math.nan, math.inf, -math.inf, 1e-300, 0.1]
+    points = [
+        MetricPoint(
+            f'val_m{i},"quoted"',
+            values[i % len(values)],
+            step=i,
+            dataset_type="val",
+            round_number=None if i % 2 else 3,
+        )
+        for i in range(repo.COPY_MIN_ROWS + 50)
+    ]
+    with session_scope(engine) as s:
+        client = repo.get_or_create_client(s, run_id=run_id, client_identifier="c")
+        assert repo.add_metrics(
+            s, run_id=run_id, client_id=client.id, points=points
+        ) == len(points)
+        assert (
+            repo.add_metrics(s, run_id=run_id, client_id=client.id, points=points) == 0
+        )
+    with session_scope(engine) as s:
+        rows = s.scalars(select(RunMetric).order_by(RunMetric.step)).all()
+    assert len(rows) == len(points)
+    for row, point in zip(rows, points, strict=True):
+        assert (row.metric_name, row.round_number, row.step) == (
+            point.metric_name,
+            point.round_number,
+            point.step,
+        )
+        if math.isnan(point.value):
+            assert row.is_nan and row.metric_value is None
+        else:
+            assert row.metric_value == point.value and not row.is_nan
+
+
+def test_large_orphan_batch_is_rejected(engine: Engine) -> None:
+    points = [
+        MetricPoint("train_loss", 0.1, step=i, dataset_type="train")
+        for i in range(repo.COPY_MIN_ROWS)
+    ]
+    with pytest.raises(IntegrityError), session_scope(engine) as s:
+        repo.add_metrics(s, run_id=987654, client_id=None, points=points)
+    with session_scope(engine) as s:
+        assert s.scalar(select(RunMetric.id)) is None

@@ -246,9 +246,6 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_run_metrics_client_id"), "run_metrics", ["client_id"], unique=False
     )
-    op.create_index(
-        op.f("ix_run_metrics_run_id"), "run_metrics", ["run_id"], unique=False
-    )
     # NULL client/round are coalesced so that re-delivering a metric is a no-op.
     op.create_index(
         "uq_run_metrics_key",
@@ -268,7 +265,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Revert this migration."""
     op.drop_index("uq_run_metrics_key", table_name="run_metrics")
-    op.drop_index(op.f("ix_run_metrics_run_id"), table_name="run_metrics")
     op.drop_index(op.f("ix_run_metrics_client_id"), table_name="run_metrics")
 
     op.drop_table("run_metrics")

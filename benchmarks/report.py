@@ -1,0 +1,145 @@
+"""Render BENCHMARKS.md from the result files the benchmarks wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_DIR
+
+OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+ORDER = (
+    "tracking_overhead",
+    "framework_overhead",
+    "write_throughput",
+    "scale",
+    "quality",
+    "gpu",
+)
+TITLES = {
+    "tracking_overhead": "1. Tracking overhead",
+    "framework_overhead": "2. Framework overhead vs centralized",
+    "write_throughput": "3. Write throughput",
+    "scale": "4. Scale to 1000 clients",
+    "quality": "5. Model quality on PneumoniaMNIST",
+    "gpu": "6. GPU",
+}
+
+
+def num(value: Any) -> str:
+    """Format a figure compactly."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def spread(stats: dict[str, Any]) -> str:
+    """Median (min-max, n) of a summary."""
+    return (
+        f"{num(stats['median'])} ({num(stats['min'])}-{num(stats['max'])}, "
+        f"n={stats['n']})"
+    )
+
+
+def figures_table(figures: dict[str, Any], prefix: str = "") -> list[str]:
+    """Flatten figures into table rows."""
+    rows = []
+    for key, value in figures.items():
+        if key in ("config", "table"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and {"median", "min", "max"} <= value.keys():
+            rows.append(f"| {name} | {spread(value)} |")
+        elif isinstance(value, dict):
+            rows += figures_table(value, prefix=f"{name} / ")
+        else:
+            rows.append(f"| {name} | {num(value)} |")
+    return rows
+
+
+def quality_table(table: dict[str, dict[str, Any]]) -> list[str]:
+    """The quality matrix as a Markdown table."""
+    has_test = any("test_auroc" in row for row in table.values())
+    head = "| configuration | run | best round | val AUROC | val accuracy |"
+    sep = "|---|---|---|---|---|"
+    if has_test:
+        head += " test AUROC | test accuracy |"
+        sep += "---|---|"
+    lines = [head, sep]
+    for name, row in table.items():
+        line = (
+            f"| {name} | {row['run_id']} | {row['best_round']} | "
+            f"{num(row['val_auroc'])} | {num(row['val_accuracy'])} |"
+        )
+        if has_test:
+            line += f" {num(row.get('test_auroc'))} | {num(row.get('test_accuracy'))} |"
+        lines.append(line)
+    return lines
+
+
+def section(result: dict[str, Any]) -> list[str]:
+    """One benchmark's section."""
+    m = result["machine"]
+    lines = [
+        f"## {TITLES.get(result['name'], result['name'])}",
+        "",
+        f"- command: `{result['command'].strip()}`",
+        f"- date: {result['date']}",
+        f"- machine: {m['cores']} cores, {m['memory_gib']} GiB, {m['cpu']}"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+        + f"; Python {m['python']}, torch {m['torch']}",
+        f"- setup: {result['figures'].get('config', '')}",
+        "",
+    ]
+    if "table" in result["figures"]:
+        lines += quality_table(result["figures"]["table"]) + [""]
+    rows = figures_table(result["figures"])
+    if rows:
+        lines += ["| figure | value: median (min-max, n) |", "|---|---|", *rows, ""]
+    for t in result["targets"]:
+        verdict = "met" if t["met"] else "NOT met"
+        lines.append(
+            f"- target: {t['what']} {t['op']} {num(t['goal'])} {t['unit']}: "
+            f"measured {num(t['value'])} {t['unit']}: **{verdict}**"
+        )
+    if result.get("notes"):
+        lines += ["", result["notes"]]
+    return [*lines, ""]
+
+
+def render() -> str:
+    """Return BENCHMARKS.md's text."""
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every figure below was written by the committed scripts in `benchmarks/`",
+        "(`make bench` runs them all; `fedpneumo bench NAME` runs one) into",
+        "`benchmarks/results/*.json`, and this page is rendered from those files by",
+        "`fedpneumo bench report`. Timings are medians of repeats with min-max;",
+        "ratios are measured inside one run, alternating the settings compared.",
+        "",
+    ]
+    for name in ORDER:
+        path = RESULTS_DIR / f"{name}.json"
+        if path.exists():
+            lines += section(json.loads(path.read_text()))
+        else:
+            lines += [f"## {TITLES[name]}", "", "Not run yet.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Write BENCHMARKS.md."""
+    OUTPUT.write_text(render())
+    return {"written": str(OUTPUT)}
+
+
+if __name__ == "__main__":
+    main()
