@@ -1,24 +1,60 @@
-"""Read-only views of tracked runs: liveness, listings, comparisons."""
+"""Read-only views of tracked runs: liveness, listings, comparisons, exports.
+
+Everything here returns plain dataclasses and dicts; rendering lives in
+``fedpneumo.runs_cli`` and ``fedpneumo.plots``.
+"""
 
 from __future__ import annotations
 
-import os
+import math
 import socket
+import sqlite3
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
 
-from persistence.models import Run
+from sqlalchemy import Engine, create_engine, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from fedpneumo.launcher import process_alive
+from persistence.db import (
+    DatabaseError,
+    backend_of,
+    describe_error,
+    mask_url,
+    normalize_url,
+)
+from persistence.models import (
+    Base,
+    Client,
+    ClientFailure,
+    Experiment,
+    Run,
+    RunMetric,
+    ServerEvaluation,
+)
+from persistence.repositories import RunNotFoundError
 
 DEFAULT_STALE_AFTER_S = 900.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+STALE = "stale"
+TRAIN_LOSS = "train_loss"
+VAL_AUROC = "val_auroc"
+# Server evaluation columns; centralized runs log them per epoch as ``val_<name>``.
+CURVE_FIELDS = ("loss", "accuracy", "auroc", "f1_score", "precision", "recall")
+# Table name -> model, in the order an export lists them.
+EXPORT_TABLES: dict[str, type[Base]] = {
+    "runs": Run,
+    "clients": Client,
+    "server_evaluations": ServerEvaluation,
+    "run_metrics": RunMetric,
+    "client_failures": ClientFailure,
+}
 
 
 def is_stale(run: Run, *, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:
@@ -29,7 +65,365 @@ def is_stale(run: Run, *, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:
     """
     if run.status != "in_progress":
         return False
-    if run.host == socket.gethostname() and run.pid and not _pid_alive(run.pid):
+    if run.host == socket.gethostname() and run.pid and not process_alive(run.pid):
         return True
     beat = run.heartbeat_at or run.start_time
     return (datetime.now(UTC) - beat).total_seconds() > stale_after_s
+
+
+def readonly_engine(url: str) -> Engine:
+    """Return an engine that can only read the database at ``url``.
+
+    A SQLite file is opened in SQLite's read-only mode and never created; a
+    PostgreSQL session runs with ``default_transaction_read_only``.
+    """
+    backend = backend_of(url)
+    url = normalize_url(url)
+    if backend == "postgresql":
+        return create_engine(
+            url,
+            connect_args={
+                "connect_timeout": 10,
+                "options": "-c default_transaction_read_only=on",
+            },
+        )
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        raise DatabaseError(f"database {mask_url(url)} is in memory: it holds no runs")
+    path = Path(database).expanduser().resolve()
+    if not path.is_file():
+        raise DatabaseError(
+            f"database file {path} does not exist (check --db or DATABASE_URL)"
+        )
+    uri = path.as_uri() + "?mode=ro"
+    return create_engine(
+        "sqlite://",
+        creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+    )
+
+
+@contextmanager
+def read_session(url: str) -> Iterator[Session]:
+    """Open a read-only session; database failures become one-line DatabaseErrors."""
+    engine = readonly_engine(url)
+    try:
+        with Session(engine) as session:
+            if not inspect(session.connection()).has_table(Run.__tablename__):
+                raise DatabaseError(
+                    f"database {mask_url(url)} has no fedpneumo runs table "
+                    "(is it a fedpneumo tracking database?)"
+                )
+            yield session
+    except DBAPIError as exc:
+        raise DatabaseError(describe_error(exc, url)) from None
+    finally:
+        engine.dispose()
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Validation metrics of one federated round (server eval) or centralized epoch.
+
+    ``train_loss`` is the round's aggregate over clients, or the epoch's loss.
+    """
+
+    step: int
+    loss: float | None = None
+    accuracy: float | None = None
+    auroc: float | None = None
+    f1_score: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    train_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """One run as the reports show it; ``status`` is ``stale`` for dead runs."""
+
+    id: int
+    experiment: str
+    mode: str
+    status: str
+    strategy: str | None
+    partition: str | None
+    rounds_done: int
+    rounds_planned: int | None
+    duration_s: float | None
+    curve: list[CurvePoint]
+    columns: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Return the run's config snapshot (empty when none was stored)."""
+        return dict(self.columns.get("config") or {})
+
+    @property
+    def best(self) -> CurvePoint | None:
+        """Return the round or epoch with the highest validation AUROC."""
+        scored = [p for p in self.curve if _number(p.auroc)]
+        return max(scored, key=lambda p: p.auroc or 0.0, default=None)
+
+    @property
+    def final(self) -> CurvePoint | None:
+        """Return the last round or epoch."""
+        return self.curve[-1] if self.curve else None
+
+    @property
+    def label(self) -> str:
+        """Return a legend label such as ``run 3 fedavg dirichlet(alpha=0.5)``."""
+        if self.mode != "federated":
+            return f"run {self.id} {self.mode}"
+        parts = (f"run {self.id}", self.strategy, self.partition)
+        return " ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """One client of a federated run; losses come from its last local epoch."""
+
+    identifier: str
+    partition_id: int | None
+    node_id: str | None
+    num_examples: int | None
+    train_losses: dict[int, float | None]
+    val_aurocs: dict[int, float | None]
+    failures: int
+
+    @property
+    def last_round(self) -> int | None:
+        """Return the last round the client trained in."""
+        return max(self.train_losses, default=None)
+
+
+def _number(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def _value(value: float | None, is_nan: bool) -> float | None:
+    return math.nan if is_nan else value
+
+
+def load_runs(
+    session: Session,
+    run_ids: Sequence[int] | None = None,
+    *,
+    experiment: str | None = None,
+) -> list[RunReport]:
+    """Return reports of the given runs (in that order) or of all runs by id.
+
+    Raises:
+        RunNotFoundError: one of ``run_ids`` has no row.
+    """
+    stmt = select(Run, Experiment.name).join(Experiment).order_by(Run.id)
+    if run_ids is not None:
+        stmt = stmt.where(Run.id.in_(run_ids))
+    if experiment is not None:
+        stmt = stmt.where(Experiment.name == experiment)
+    found = {run.id: (run, name) for run, name in session.execute(stmt)}
+    if run_ids is not None:
+        for run_id in run_ids:
+            if run_id not in found:
+                raise RunNotFoundError(run_id)
+    order = list(run_ids) if run_ids is not None else list(found)
+    curves = load_curves(session, [found[i][0] for i in dict.fromkeys(order)])
+    return [_report(*found[i], curves.get(i, [])) for i in order]
+
+
+def _report(run: Run, experiment: str, curve: list[CurvePoint]) -> RunReport:
+    stale = is_stale(run)
+    if run.end_time is not None:
+        end = run.end_time
+    else:
+        end = (run.heartbeat_at or run.start_time) if stale else datetime.now(UTC)
+    if run.training_mode == "federated":
+        done = run.rounds_completed
+    else:
+        done = sum(p.train_loss is not None for p in curve)
+    return RunReport(
+        id=run.id,
+        experiment=experiment,
+        mode=run.training_mode,
+        status=STALE if stale else run.status,
+        strategy=run.strategy,
+        partition=run.partition,
+        rounds_done=done,
+        rounds_planned=run.num_rounds,
+        duration_s=(end - run.start_time).total_seconds(),
+        curve=curve,
+        columns=row_dict(run),
+    )
+
+
+def load_curves(session: Session, runs: Iterable[Run]) -> dict[int, list[CurvePoint]]:
+    """Return each run's validation curve, ordered by round or epoch.
+
+    Federated: the server's evaluations plus the clients' aggregate train loss.
+    Centralized: the ``val_*`` and ``train_loss`` metrics of every epoch.
+    """
+    runs = list(runs)
+    federated = {r.id for r in runs if r.training_mode == "federated"}
+    points: dict[int, dict[int, dict[str, Any]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
+    evaluations = select(ServerEvaluation).where(
+        ServerEvaluation.run_id.in_(sorted(federated))
+    )
+    for ev in session.scalars(evaluations):
+        points[ev.run_id][ev.round_number].update(
+            {f: getattr(ev, f) for f in CURVE_FIELDS}
+        )
+    names = [TRAIN_LOSS, *(f"val_{f}" for f in CURVE_FIELDS)]
+    rows = session.execute(
+        select(
+            RunMetric.run_id,
+            RunMetric.round_number,
+            RunMetric.step,
+            RunMetric.metric_name,
+            RunMetric.metric_value,
+            RunMetric.is_nan,
+        ).where(
+            RunMetric.run_id.in_([r.id for r in runs]),
+            RunMetric.client_id.is_(None),
+            RunMetric.metric_name.in_(names),
+        )
+    )
+    for run_id, rnd, step, name, value, is_nan in rows:
+        if run_id in federated:
+            if rnd is not None and name == TRAIN_LOSS:
+                points[run_id][rnd][TRAIN_LOSS] = _value(value, is_nan)
+        elif rnd is None:
+            key = name if name == TRAIN_LOSS else name.removeprefix("val_")
+            points[run_id][step][key] = _value(value, is_nan)
+    return {
+        run_id: [CurvePoint(step=s, **v) for s, v in sorted(steps.items())]
+        for run_id, steps in points.items()
+    }
+
+
+def load_clients(
+    session: Session, run_ids: Sequence[int]
+) -> dict[int, list[ClientReport]]:
+    """Return the clients of each run with their per-round train loss and val AUROC.
+
+    A round's value is that of the client's last local epoch in the round.
+    """
+    failures = _failure_counts(session, run_ids)
+    series: dict[tuple[int, str], dict[int, float | None]] = defaultdict(dict)
+    rows = session.execute(
+        select(
+            RunMetric.client_id,
+            RunMetric.metric_name,
+            RunMetric.round_number,
+            RunMetric.metric_value,
+            RunMetric.is_nan,
+        )
+        .where(
+            RunMetric.run_id.in_(run_ids),
+            RunMetric.client_id.is_not(None),
+            RunMetric.metric_name.in_([TRAIN_LOSS, VAL_AUROC]),
+        )
+        .order_by(RunMetric.step)
+    )
+    for client_id, name, rnd, value, is_nan in rows:
+        series[client_id, name][rnd] = _value(value, is_nan)
+    clients = session.scalars(
+        select(Client).where(Client.run_id.in_(run_ids)).order_by(Client.id)
+    )
+    result: dict[int, list[ClientReport]] = {run_id: [] for run_id in run_ids}
+    for c in sorted(
+        clients, key=lambda c: (c.partition_id is None, c.partition_id or 0, c.id)
+    ):
+        result[c.run_id].append(
+            ClientReport(
+                identifier=c.client_identifier,
+                partition_id=c.partition_id,
+                node_id=c.node_id,
+                num_examples=c.num_examples,
+                train_losses=dict(sorted(series[c.id, TRAIN_LOSS].items())),
+                val_aurocs=dict(sorted(series[c.id, VAL_AUROC].items())),
+                failures=failures[c.run_id, c.client_identifier]
+                + failures[c.run_id, c.node_id or ""],
+            )
+        )
+    return result
+
+
+def _failure_counts(session: Session, run_ids: Sequence[int]) -> dict[Any, int]:
+    """Count failures by (run id, client identifier, or node id when unknown)."""
+    counts: dict[tuple[int, str], int] = defaultdict(int)
+    stmt = select(ClientFailure).where(ClientFailure.run_id.in_(run_ids))
+    for failure in session.scalars(stmt):
+        counts[failure.run_id, failure.client_identifier or failure.node_id] += 1
+    return counts
+
+
+def row_dict(row: Base) -> dict[str, Any]:
+    """Return a row's columns as JSON-ready values: ISO times, NaN as None."""
+    values: dict[str, Any] = {}
+    for column in row.__table__.columns:
+        value = getattr(row, column.key)
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, float) and math.isnan(value):
+            value = None
+        values[column.key] = value
+    return values
+
+
+def load_failures(session: Session, run_id: int) -> list[dict[str, Any]]:
+    """Return a run's client failures as rows, by round."""
+    stmt = (
+        select(ClientFailure)
+        .where(ClientFailure.run_id == run_id)
+        .order_by(ClientFailure.round_number, ClientFailure.id)
+    )
+    return [row_dict(f) for f in session.scalars(stmt)]
+
+
+def export_run(session: Session, run_id: int) -> dict[str, list[dict[str, Any]]]:
+    """Return a run's rows of every table (``EXPORT_TABLES``), by table name.
+
+    Raises:
+        RunNotFoundError: the run has no row.
+    """
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFoundError(run_id)
+    tables: dict[str, list[dict[str, Any]]] = {"runs": [row_dict(run)]}
+    for name, model in list(EXPORT_TABLES.items())[1:]:
+        table = model.__table__
+        stmt = select(model).where(table.c.run_id == run_id).order_by(table.c.id)
+        tables[name] = [row_dict(row) for row in session.scalars(stmt)]
+    return tables
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into dotted keys (``{"a": {"b": 1}}``: ``a.b``)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+# Stands for a config key that one run's config does not have.
+MISSING: Final = object()
+
+
+def config_differences(configs: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Return the dotted keys whose values differ between configs, sorted.
+
+    Each key maps to one value per config, ``MISSING`` where a config lacks it.
+    """
+    flat = [flatten(c) for c in configs]
+    keys = sorted({k for f in flat for k in f})
+    diffs: dict[str, list[Any]] = {}
+    for key in keys:
+        values = [f.get(key, MISSING) for f in flat]
+        if any(v != values[0] or type(v) is not type(values[0]) for v in values[1:]):
+            diffs[key] = values
+    return diffs
