@@ -76,22 +76,41 @@ def binary_metrics(
 
 
 def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Return the threshold maximising TPR - FPR (Youden's J), else 0.5."""
+    """Return the centre of the thresholds maximising Youden's J, else 0.5.
+
+    J = TPR - FPR does not depend on prevalence, which shifts between the
+    validation and test splits. Thresholds within one sample of the best J
+    form a plateau when the classes are well separated; its centre (in logit
+    space) leaves the widest margin on both sides instead of hugging one class.
+    """
     labels, probs = _check_inputs(labels, probs)
-    if len(np.unique(labels)) < 2:
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
         return DEFAULT_THRESHOLD
     # All distinct scores, descending; thresholds[0] is inf and has J = 0
     fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
     youden = tpr - fpr
-    best = int(np.argmax(youden))
-    if youden[best] <= 0:
+    if youden.max() <= 0:
         logger.debug("No threshold beats chance (max J <= 0); using 0.5")
         return DEFAULT_THRESHOLD
-    # Halfway to the next lower score classifies the data the same but sits
-    # between the classes instead of on a sample
-    lower = thresholds[best + 1] if best + 1 < len(thresholds) else thresholds[best]
-    threshold = (thresholds[best] + lower) / 2
-    return float(np.clip(threshold, THRESHOLD_EPS, 1 - THRESHOLD_EPS))
+    tolerance = min(1 / positives, 1 / negatives) + 1e-12
+    near_best = np.flatnonzero(youden >= youden.max() - tolerance)
+    # Each ROC threshold is a score; the cut sits halfway to the next lower one
+    cuts = [
+        (thresholds[i] + thresholds[min(i + 1, len(thresholds) - 1)]) / 2
+        for i in near_best
+        if np.isfinite(thresholds[i])
+    ]
+    if not cuts:
+        return DEFAULT_THRESHOLD
+    logits = _logit(np.clip(np.asarray(cuts), THRESHOLD_EPS, 1 - THRESHOLD_EPS))
+    centre = (logits.min() + logits.max()) / 2
+    return float(np.clip(1 / (1 + np.exp(-centre)), THRESHOLD_EPS, 1 - THRESHOLD_EPS))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p) - np.log1p(-p)
 
 
 def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:

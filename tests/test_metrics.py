@@ -83,3 +83,14 @@ def test_youden_threshold_falls_back_and_clips() -> None:
     assert 0.0 < threshold < 1.0
     edge = youden_threshold(np.array([0, 0, 1]), np.array([0.0, 0.0, 0.0]) + 1e-9)
     assert 0.0 < edge < 1.0
+
+
+def test_youden_threshold_sits_in_the_middle_of_the_plateau() -> None:
+    # Perfectly separated: every cut between 0.02 and 0.98 gives J = 1, so
+    # the threshold should be near the middle (in logit space), not at an edge.
+    labels = np.array([0] * 50 + [1] * 50)
+    probs = np.concatenate([np.full(50, 0.02), np.full(50, 0.98)])
+    assert youden_threshold(labels, probs) == pytest.approx(0.5, abs=1e-6)
+    skewed = np.concatenate([np.linspace(0.001, 0.01, 50), np.linspace(0.3, 0.99, 50)])
+    threshold = youden_threshold(labels, skewed)
+    assert 0.01 < threshold < 0.3
