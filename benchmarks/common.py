@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,12 +56,13 @@ def save_result(
     figures: dict[str, Any],
     targets: list[dict[str, Any]],
     notes: str = "",
+    argv: Sequence[str] | None = None,
 ) -> Path:
     """Write a benchmark's figures, with the command and machine, as JSON."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     result = {
         "name": name,
-        "command": f"fedpneumo bench {name} " + " ".join(sys.argv[2:]),
+        "command": " ".join(["fedpneumo", "bench", name, *(argv or [])]),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "figures": figures,

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         [target("federated round / centralized epoch", ratio, "<=", 1.1)],
         notes="Start-up counts from `fedpneumo run` submitting the app to the "
         "initial model's evaluation (SuperLink, Ray, data loading).",
+        argv=argv,
     )
     return figures
 

@@ -78,7 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.rounds} rounds and {args.epochs} centralized epochs, the first "
         "excluded; on CUDA each client asks Ray for 0.1 GPU"
     )
-    save_result("gpu", figures, [], notes="" if gpu else "No CUDA GPU on this machine.")
+    save_result(
+        "gpu",
+        figures,
+        [],
+        notes="" if gpu else "No CUDA GPU on this machine.",
+        argv=argv,
+    )
     log.info("%s", {k: v for k, v in figures.items() if k.startswith("speedup")})
     return figures
 

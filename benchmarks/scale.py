@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "GiB",
             ),
         ],
+        argv=argv,
     )
     return figures
 

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tracking_overhead",
         figures,
         [target("wall-time ratio persistence on/off", ratio, "<=", 1.03)],
+        argv=argv,
     )
     return figures
 

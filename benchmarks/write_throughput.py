@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         ],
         notes="The batched path includes the durable spool: each epoch's batch "
         "is written and fsynced to a local file before the database insert.",
+        argv=argv,
     )
     return figures
 

@@ -45,6 +45,18 @@ def _maybe_fail(partition_id: int, server_round: int) -> None:
         )
 
 
+def _direct_url(ins: TrainInstructions) -> str:
+    """The database a client writes to itself: never a silent local fallback."""
+    url = ins.db_url or os.environ.get("DATABASE_URL")
+    if not url:
+        raise RuntimeError(
+            "tracking.client_writes=direct needs DATABASE_URL on this SuperNode "
+            "(the server never sends database passwords); set it, or use "
+            "tracking.client_writes=relay"
+        )
+    return url
+
+
 def _partition_spec(
     ins: TrainInstructions, num_partitions: int, data_path: str
 ) -> PartitionSpec:
@@ -87,12 +99,13 @@ def train(msg: Message, context: Context) -> Message:
 
     outputs_dir = str(context.node_config.get("outputs-dir") or ins.outputs_dir)
     relay = ins.client_writes == "relay"
+    database_url = None if relay or not ins.enable_db else _direct_url(ins)
     collector = MetricsCollectorCallback(
         Path(outputs_dir) / "runs" / str(ins.run_id) / "clients" / client_identifier,
         run_id=ins.run_id,
         training_mode="federated",
         enable_db_persistence=ins.enable_db,
-        database_url=None if relay else (ins.db_url or None),
+        database_url=database_url,
         client_identifier=client_identifier,
         round_number=ins.server_round,
         partition_id=partition_id,

@@ -41,15 +41,22 @@ FINISH_TIMEOUT_S = 300.0
 
 
 def setup_logging() -> None:
-    """Show this package's INFO logs in the run's log stream."""
-    root = logging.getLogger()
-    if not any(getattr(h, "_fedpneumo", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._fedpneumo = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
+    """Show this project's INFO logs in the run's log stream (once each).
+
+    The handler sits on our own loggers, not the root: Flower's logger also
+    propagates to the root, and a root handler would print its lines twice.
+    """
     for name in ("fedpneumo", "server_app", "client_app", "persistence"):
-        logging.getLogger(name).setLevel(logging.INFO)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(getattr(h, "_fedpneumo", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(
+                logging.Formatter("%(levelname)s %(name)s: %(message)s")
+            )
+            handler._fedpneumo = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+            logger.propagate = False
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_S) -> int:

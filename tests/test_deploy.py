@@ -1,0 +1,466 @@
+"""Deployment: the docker-compose topology, natively on loopback, and relay mode.
+
+No Docker engine runs here: the compose file is checked by the real compose
+parser and by its shape, and the same topology (SuperLink with the database,
+SuperNodes without it, a one-shot submitter) runs as local processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import func, select, text
+
+from client_app.messages import REPLY_METRICS
+from fedpneumo.deploy import (
+    DATABASE_ENV_PREFIXES,
+    NativeDeployment,
+    node_config,
+    without_database,
+)
+from fedpneumo.launcher import STARTED, descendants, process_alive
+from fedpneumo.pg_server import ThrowawayPostgres
+from persistence.db import get_engine, session_scope
+from persistence.models import Client, Run, RunMetric, ServerEvaluation
+from tests.conftest import REPO_ROOT, run_cli
+
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+ENV_EXAMPLE = REPO_ROOT / ".env.example"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+FLWR_VERSION = "1.42.0"
+SUPERNODES = ("supernode-0", "supernode-1")
+CREDENTIAL_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|_USER$|DATABASE_URL")
+INTERPOLATION = re.compile(r"\$\{[A-Z_][A-Z0-9_]*(?::?[-?][^}]*)?\}")
+SMALL = ("data.limit=200", "model.width=8", "simulation.num_supernodes=2")
+
+
+# Compose file ----------------------------------------------------------------
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse KEY=VALUE lines of a .env file."""
+    pairs = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def compose(*args: str, env_file: Path) -> subprocess.CompletedProcess[str]:
+    """Run Debian's docker-compose on our compose file, with no inherited settings."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail(
+            "docker-compose is not installed; install the compose file parser "
+            "with `apt-get install -y docker-compose` (CI does this in .ci/run)"
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTGRES_")}
+    return subprocess.run(
+        [binary, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=60,
+        check=False,
+    )
+
+
+def services() -> dict[str, dict[str, Any]]:
+    """The services of docker-compose.yml as written (anchors merged)."""
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as a dict (either compose syntax)."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def test_deploy_compose_file_is_valid_for_the_real_parser(tmp_path: Path) -> None:
+    result = compose("config", "-q", env_file=ENV_EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(compose("config", env_file=ENV_EXAMPLE).stdout)
+    example = read_env_file(ENV_EXAMPLE)
+    url = resolved["services"]["superlink"]["environment"]["DATABASE_URL"]
+    assert url == (
+        f"postgresql://{example['POSTGRES_USER']}:{example['POSTGRES_PASSWORD']}"
+        f"@postgres:5432/{example['POSTGRES_DB']}"
+    )
+    # Without a password in .env the parser refuses, naming the variable.
+    no_password = tmp_path / "no-password.env"
+    no_password.write_text(
+        "\n".join(f"{k}={v}" for k, v in example.items() if k != "POSTGRES_PASSWORD")
+    )
+    refused = compose("config", "-q", env_file=no_password)
+    assert refused.returncode != 0
+    assert "POSTGRES_PASSWORD" in refused.stderr
+
+
+def test_deploy_compose_shape_postgres_superlink_supernodes_submit() -> None:
+    svc = services()
+    assert {"postgres", "superlink", *SUPERNODES, "submit"} <= set(svc)
+
+    # postgres: health-checked, data in a named volume, pinned image.
+    pg = svc["postgres"]
+    assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
+    named_volumes = yaml.safe_load(COMPOSE_FILE.read_text())["volumes"]
+    pg_volume = next(
+        v for v in pg["volumes"] if v.endswith(":/var/lib/postgresql/data")
+    )
+    assert pg_volume.split(":")[0] in named_volumes
+    assert re.fullmatch(r"postgres:15(\.\d+)+(-\w+)?", pg["image"])
+
+    # Every image is pinned; ours is built for the Flower release we depend on.
+    for name, service in svc.items():
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest"), name
+    app = [name for name in svc if name != "postgres"]
+    for name in app:
+        assert svc[name]["image"].endswith(f"flwr{FLWR_VERSION}"), name
+        assert svc[name]["build"]["args"]["FLWR_VERSION"] == FLWR_VERSION, name
+        env = environment(svc[name])
+        assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1", name
+    assert f"ARG FLWR_VERSION={FLWR_VERSION}" in DOCKERFILE.read_text()
+
+    # No literal credentials: each is a ${VAR} interpolation from .env.
+    for name, service in svc.items():
+        for key, value in environment(service).items():
+            if CREDENTIAL_KEY.search(key):
+                assert INTERPOLATION.search(value), (name, key)
+                literal = INTERPOLATION.sub("", value)
+                assert not re.search(r"://[^@/]*[^@/:]@", literal), (name, key)
+    sl_url = environment(svc["superlink"])["DATABASE_URL"]
+    assert re.fullmatch(
+        r"postgresql://\$\{POSTGRES_USER[^}]*\}:\$\{POSTGRES_PASSWORD[^}]*\}"
+        r"@postgres:5432/\$\{POSTGRES_DB[^}]*\}",
+        sl_url,
+    )
+    assert "change-me" not in COMPOSE_FILE.read_text()
+    assert ".env" in (REPO_ROOT / ".gitignore").read_text().split()
+
+    # The SuperLink (ServerApp) has the database; SuperNodes (ClientApps) and
+    # the submitter have none of it.
+    superlink = svc["superlink"]
+    assert "--disable-runtime-dependency-installation" in superlink["command"]
+    assert "--simulation" not in superlink["command"]
+    assert superlink["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in (*SUPERNODES, "submit"):
+        env = environment(svc[name])
+        assert not [k for k in env if k.startswith(DATABASE_ENV_PREFIXES)], name
+        assert "postgres" not in str(svc[name].get("depends_on", {})), name
+    for partition, name in enumerate(SUPERNODES):
+        node = svc[name]
+        assert "superlink" in node["depends_on"]
+        command = node["command"]
+        assert command[command.index("--superlink") + 1] == "superlink:8000"
+        config = command[command.index("--node-config") + 1]
+        assert config == (
+            f"partition-id={partition} num-partitions={len(SUPERNODES)} "
+            'data-path="/data/pneumoniamnist.npz" outputs-dir="/outputs"'
+        )
+        assert "--allow-runtime-dependency-installation" not in command
+
+    # The submitter: relay mode on PostgreSQL, exits with the run's status.
+    submit = " ".join(svc["submit"]["entrypoint"])
+    assert "fedpneumo.deploy submit --superlink superlink:8000" in submit
+    assert "tracking.client_writes=relay" in submit and "db=postgres" in submit
+    assert f"simulation.num_supernodes={len(SUPERNODES)}" in submit
+    assert svc["submit"]["restart"] == "no"
+
+
+def test_deploy_helpers_quote_node_config_and_strip_the_database() -> None:
+    assert node_config(1, 2, "/data/a b.npz", "/out") == (
+        'partition-id=1 num-partitions=2 data-path="/data/a b.npz" outputs-dir="/out"'
+    )
+    env = {"PATH": "/bin", "DATABASE_URL": "x", "POSTGRES_PASSWORD": "y", "PGHOST": "z"}
+    assert without_database(env) == {"PATH": "/bin"}
+
+
+# Native deployment -------------------------------------------------------------
+
+
+class EnvironWatcher:
+    """Record the environment of processes under some roots while they live."""
+
+    def __init__(self, roots: dict[str, int]) -> None:
+        self.roots = roots
+        # pid -> (root name, command line, environment)
+        self.seen: dict[int, tuple[str, str, dict[str, str]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> EnvironWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for name, root in self.roots.items():
+                for pid in [root, *descendants(root)]:
+                    if pid not in self.seen:
+                        self._read(name, pid)
+            time.sleep(0.05)
+
+    def _read(self, name: str, pid: int) -> None:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return
+        if not cmdline:  # a zombie: nothing to read
+            return
+        env = dict(
+            item.decode(errors="replace").partition("=")[::2]
+            for item in environ.split(b"\0")
+            if item
+        )
+        self.seen[pid] = (name, cmdline.replace(b"\0", b" ").decode(), env)
+
+    def processes(self, root: str, program: str) -> list[dict[str, str]]:
+        """Environments of the processes under a root running a program."""
+        return [
+            env
+            for name, cmd, env in self.seen.values()
+            if name == root and program in cmd
+        ]
+
+
+def submit_cli(address: str, overrides: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run the compose submitter's command against a SuperLink."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedpneumo.deploy",
+            "submit",
+            "--superlink",
+            address,
+            "--app",
+            str(REPO_ROOT),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=without_database(os.environ),
+        timeout=600,
+        check=False,
+    )
+
+
+def processes_with_env_value(fragment: str) -> list[str]:
+    """Command lines of live processes whose environment mentions a string."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not process_alive(int(entry.name)):
+            continue
+        try:
+            if fragment.encode() in (entry / "environ").read_bytes():
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                found.append(cmdline.decode(errors="replace"))
+        except OSError:
+            continue
+    return found
+
+
+def assert_no_database(env: dict[str, str], password: str) -> None:
+    """Assert an environment holds no database URL, setting or password."""
+    assert not [k for k in env if k.startswith(DATABASE_ENV_PREFIXES)]
+    assert not [v for v in env.values() if "postgresql" in v or password in v]
+
+
+def test_deploy_native_topology_relay(
+    pg_server: ThrowawayPostgres, data_file: Path, tmp_path: Path
+) -> None:
+    url = pg_server.create_database()
+    # A host that has the database in its environment: the SuperNodes must
+    # not inherit it (NativeDeployment strips it, as compose never sets it).
+    host_env = {**os.environ, "DATABASE_URL": url, "PGPASSWORD": pg_server.password}
+    deployment = NativeDeployment(
+        tmp_path / "deploy",
+        num_nodes=2,
+        server_env={**without_database(os.environ), "DATABASE_URL": url},
+        node_env=host_env,
+        data_path=str(data_file),
+    )
+    server_out = tmp_path / "server-out"
+    overrides = [
+        "tracking.client_writes=relay",
+        "db=postgres",
+        f"data.path={data_file}",
+        *SMALL,
+        "num_rounds=2",
+        f"outputs_dir={server_out}",
+    ]
+    with deployment:
+        roots = {"superlink": deployment.superlink.pid}  # type: ignore[union-attr]
+        roots |= {f"supernode-{i}": p.pid for i, p in enumerate(deployment.supernodes)}
+        with EnvironWatcher(roots) as watcher:
+            # A session the ServerApp rejects: the submitter exits non-zero.
+            bad = submit_cli(deployment.address, ["partition.alpha=0"])
+            good = submit_cli(deployment.address, overrides)
+        logs = deployment.logs()
+    leftovers = processes_with_env_value(str(deployment.root))
+    assert not leftovers, f"processes left running: {leftovers}"
+
+    assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
+    assert "finished:failed" in bad.stderr
+    assert good.returncode == 0, good.stdout[-5000:] + good.stderr[-3000:] + logs
+    flwr_run_id = STARTED.search(good.stdout).group(1)  # type: ignore[union-attr]
+    assert pg_server.password not in good.stdout + good.stderr
+
+    # The SuperNodes, their SuperExecs and every ClientApp caught had no
+    # database in their environment; the SuperLink's ServerApp had it.
+    for i in range(2):
+        root = f"supernode-{i}"
+        for program in ("flower-supernode", "flower-superexec"):
+            envs = watcher.processes(root, program)
+            assert envs, f"no {program} seen under {root}"
+            for env in envs:
+                assert_no_database(env, pg_server.password)
+        clientapps = watcher.processes(root, "flwr-clientapp")
+        assert clientapps, f"no flwr-clientapp caught under {root}"
+        for env in clientapps:
+            assert_no_database(env, pg_server.password)
+    serverapps = watcher.processes("superlink", "flwr-serverapp")
+    assert serverapps and all(env["DATABASE_URL"] == url for env in serverapps)
+
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert (run.training_mode, run.status) == ("federated", "completed")
+        assert run.rounds_completed == 2 and run.end_time is not None
+        assert run.flwr_run_id == flwr_run_id  # uint64 as text
+        assert run.config["tracking"]["client_writes"] == "relay"
+        clients = s.scalars(select(Client).order_by(Client.partition_id)).all()
+        assert [(c.client_identifier, c.partition_id) for c in clients] == [
+            ("client-0", 0),
+            ("client-1", 1),
+        ]
+        assert all(c.node_id and int(c.node_id) > 0 for c in clients)
+        per_client_round = s.execute(
+            select(
+                RunMetric.client_id, RunMetric.round_number, RunMetric.metric_name
+            ).where(RunMetric.client_id.is_not(None))
+        ).all()
+        names: dict[tuple[int, int], set[str]] = {}
+        for client_id, round_number, name in per_client_round:
+            names.setdefault((client_id, round_number), set()).add(name)
+        assert set(names) == {(c.id, r) for c in clients for r in (1, 2)}
+        for key, got in names.items():
+            assert set(REPLY_METRICS) <= got, key
+        aggregates = s.scalars(
+            select(RunMetric.round_number).where(RunMetric.client_id.is_(None))
+        ).all()
+        assert set(aggregates) == {1, 2}
+        evaluations = s.scalars(
+            select(ServerEvaluation.round_number).where(
+                ServerEvaluation.run_id == run.id
+            )
+        ).all()
+        assert sorted(evaluations) == [0, 1, 2]
+        run_id = run.id
+        # Flower's uint64 ids are text columns (BIGINT would overflow).
+        types = s.execute(
+            text(
+                "SELECT table_name, column_name, data_type FROM "
+                "information_schema.columns WHERE column_name IN "
+                "('flwr_run_id', 'node_id') AND table_schema = 'public'"
+            )
+        ).all()
+        assert {t for _, _, t in types} == {"character varying"}, types
+        assert {(t, c) for t, c, _ in types} >= {
+            ("runs", "flwr_run_id"),
+            ("clients", "node_id"),
+        }
+
+    # Each ClientApp wrote its files under its SuperNode's outputs-dir and
+    # spooled nothing for the database: its rows travelled in the replies.
+    for i in range(2):
+        client_dir = (
+            deployment.outputs_dir(i) / "runs" / str(run_id) / "clients" / f"client-{i}"
+        )
+        assert (client_dir / "metrics.json").is_file()
+        assert not (client_dir / "spool").exists()
+
+
+# Relay versus direct -----------------------------------------------------------
+
+
+def client_metrics(db: Path) -> tuple[dict[tuple[Any, ...], Any], int, set[Any]]:
+    """Return a run's per-client metric values by key, its row count, its clients."""
+    with session_scope(get_engine(f"sqlite:///{db}")) as s:
+        run = s.scalars(select(Run)).one()
+        assert run.status == "completed"
+        rows = s.execute(
+            select(
+                Client.client_identifier,
+                RunMetric.round_number,
+                RunMetric.metric_name,
+                RunMetric.step,
+                RunMetric.dataset_type,
+                RunMetric.metric_value,
+                RunMetric.is_nan,
+            ).join(Client, RunMetric.client_id == Client.id)
+        ).all()
+        total = s.scalar(select(func.count()).select_from(RunMetric))
+        clients = {
+            (c.client_identifier, c.partition_id, c.num_examples)
+            for c in s.scalars(select(Client))
+        }
+    values = {tuple(r[:5]): (r[5], r[6]) for r in rows}
+    assert len(values) == len(rows), "duplicate per-client metric rows"
+    return values, int(total or 0), clients
+
+
+def test_relay_and_direct_produce_the_same_keys(
+    tmp_path: Path, data_file: Path
+) -> None:
+    results = {}
+    for mode in ("direct", "relay"):
+        out = tmp_path / mode
+        result = run_cli(
+            "run",
+            f"data.path={data_file}",
+            *SMALL,
+            "num_rounds=2",
+            f"outputs_dir={out}",
+            f"tracking.client_writes={mode}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[mode] = client_metrics(out / "fedpneumo.db")
+        spools = list((out / "runs").glob("*/clients/*/spool"))
+        # Direct clients spool their own writes; relaying clients write nothing.
+        assert bool(spools) == (mode == "direct"), spools
+    direct, direct_total, direct_clients = results["direct"]
+    relay, relay_total, relay_clients = results["relay"]
+    assert {k[0] for k in direct} == {"client-0", "client-1"}
+    assert {k[1] for k in direct} == {1, 2}
+    assert set(relay) == set(direct)
+    assert relay_total == direct_total
+    assert relay_clients == direct_clients
+    # Same seed, CPU: the same numbers, NaN included (timings aside).
+    for key, (value, is_nan) in direct.items():
+        if "seconds" in key[2]:
+            continue
+        relayed, relayed_nan = relay[key]
+        assert relayed_nan == is_nan, key
+        assert is_nan or math.isclose(relayed, value, rel_tol=1e-6), key
