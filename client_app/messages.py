@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from persistence.repositories import MetricPoint
+from persistence.spool import points_from_columns, points_to_columns
 
 # Keys of every train reply's MetricRecord: identical on all clients, as
 # Flower's aggregation requires; a metric a client cannot compute is NaN.
@@ -78,35 +79,12 @@ class TrainInstructions:
 
 def encode_relay_rows(points: list[MetricPoint]) -> dict[str, Any]:
     """Pack metric points as parallel lists for a ConfigRecord."""
-    return {
-        "names": [p.metric_name for p in points],
-        "values": [float(p.value) for p in points],
-        "steps": [int(p.step) for p in points],
-        "splits": [p.dataset_type for p in points],
-        "rounds": [-1 if p.round_number is None else p.round_number for p in points],
-    }
+    return points_to_columns(points)
 
 
 def decode_relay_rows(record: Any) -> list[MetricPoint]:
     """Unpack metric points sent by ``encode_relay_rows``."""
-    names = list(record.get("names", []))
-    return [
-        MetricPoint(
-            metric_name=name,
-            value=float(value),
-            step=int(step),
-            dataset_type=split,
-            round_number=None if rnd < 0 else int(rnd),
-        )
-        for name, value, step, split, rnd in zip(
-            names,
-            record["values"],
-            record["steps"],
-            record["splits"],
-            record["rounds"],
-            strict=True,
-        )
-    ]
+    return points_from_columns(record)
 
 
 def reply_metrics(last_epoch: dict[str, float], num_examples: int) -> dict[str, Any]:

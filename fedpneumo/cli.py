@@ -12,29 +12,26 @@ import typer
 from rich.console import Console
 
 from fedpneumo.config import ConfigError
-from fedpneumo.runs_cli import runs_app
+from fedpneumo.runs_cli import DbOption, runs_app
 
 app = typer.Typer(
     help="Federated pneumonia detection with Flower, tracked in SQL.",
+    # Plain click messages: a usage error is one "Error: ..." line, no box.
+    rich_markup_mode=None,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-db_app = typer.Typer(help="Manage the tracking database schema.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Manage the tracking database schema.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(runs_app, name="runs")
 
 console = Console()
 log = logging.getLogger("fedpneumo")
-
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        help="Database URL (default: $DATABASE_URL, else outputs/fedpneumo.db).",
-        show_default=False,
-    ),
-]
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -172,16 +169,6 @@ def sync(
         raise typer.Exit(1)
 
 
-BENCHMARKS = (
-    "tracking_overhead",
-    "framework_overhead",
-    "write_throughput",
-    "scale",
-    "quality",
-    "gpu",
-)
-
-
 @app.command(context_settings=OVERRIDES_CONTEXT)
 def bench(
     name: Annotated[str, typer.Argument(help="A benchmark, 'all' or 'report'.")],
@@ -189,6 +176,8 @@ def bench(
 ) -> None:
     """Run a benchmark (figures to benchmarks/results/) or render BENCHMARKS.md."""
     import importlib
+
+    from benchmarks.report import ORDER as BENCHMARKS
 
     valid = (*BENCHMARKS, "all", "report")
     if name not in valid:

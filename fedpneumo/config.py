@@ -248,14 +248,19 @@ def load_config(overrides: str | Sequence[str] = ()) -> AppConfig:
         ConfigError: an unknown key, a bad group option or a bad value, in one
             line naming the key and what is valid.
     """
-    cfg = compose_config(overrides)
+    app = _typed(compose_config(overrides))
+    validate(app)
+    return app
+
+
+def _typed(values: Any) -> AppConfig:
+    """Merge values into the typed schema (type errors name the key)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(AppConfig), cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(AppConfig), values)
         app = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _explain_omegaconf_error(exc) from None
     assert isinstance(app, AppConfig)
-    validate(app)
     return app
 
 
@@ -436,12 +441,7 @@ def config_from_snapshot(data: dict[str, Any], current: AppConfig) -> AppConfig:
     The database section comes from ``current``: the snapshot's URL is masked.
     """
     known = {k: v for k, v in data.items() if k in AppConfig.__dataclass_fields__}
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(AppConfig), known)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise _explain_omegaconf_error(exc) from None
-    assert isinstance(cfg, AppConfig)
+    cfg = _typed(known)
     cfg.db = current.db
     validate(cfg)
     return cfg

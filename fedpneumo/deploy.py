@@ -15,7 +15,6 @@ environment (DATABASE_URL) and each ClientApp with its SuperNode's (none).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -23,9 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -33,23 +29,21 @@ from fedpneumo.launcher import (
     APP_DIR,
     STARTED,
     FlowerOutcome,
+    flower_bin,
+    flower_env,
+    flower_status,
     kill_tree,
     toml_string,
+    wait_healthy,
+    write_connection,
 )
 from fedpneumo.pg_server import free_port
 
 log = logging.getLogger(__name__)
 
 CONNECTION = "fedpneumo-deploy"
-READY_TIMEOUT_S = 60.0
 # Variables that would hand a SuperNode (and so its ClientApps) the database.
 DATABASE_ENV_PREFIXES = ("DATABASE_URL", "POSTGRES_", "PG")
-
-
-def flower_bin(name: str) -> str:
-    """Return a Flower console script of this environment, else the name."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def without_database(env: Mapping[str, str]) -> dict[str, str]:
@@ -58,21 +52,6 @@ def without_database(env: Mapping[str, str]) -> dict[str, str]:
         k: v
         for k, v in env.items()
         if not any(k.startswith(p) for p in DATABASE_ENV_PREFIXES)
-    }
-
-
-def flower_env(env: Mapping[str, str], home: Path) -> dict[str, str]:
-    """Return an environment for Flower processes: no runtime installs, own home."""
-    return {
-        **env,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-        "PATH": os.pathsep.join(
-            [str(Path(sys.executable).parent), env.get("PATH", os.defpath)]
-        ),
     }
 
 
@@ -91,66 +70,10 @@ def node_config(
     return " ".join(parts)
 
 
-def wait_healthy(
-    address: str,
-    timeout_s: float = READY_TIMEOUT_S,
-    proc: subprocess.Popen[bytes] | None = None,
-) -> None:
-    """Block until a SuperLink answers ``/health`` (or its process exits)."""
-    url = f"http://{address}/health"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited early ({proc.returncode})")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no SuperLink answered on {url}")
-        time.sleep(0.2)
-
-
-def write_connection(home: Path, address: str) -> None:
-    """Write a Flower ``config.toml`` whose default connection is the SuperLink."""
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
-    )
-
-
 def echo_line(line: str) -> None:
     """Write one streamed log line to stdout."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def run_status(env: Mapping[str, str], run_id: int) -> tuple[str, str]:
-    """Return Flower's (status, details) of a run on the configured SuperLink."""
-    result = subprocess.run(
-        [
-            flower_bin("flwr"),
-            "ls",
-            CONNECTION,
-            "--run-id",
-            str(run_id),
-            "--format",
-            "json",
-        ],
-        env=dict(env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    try:
-        run = json.loads(result.stdout)["runs"][0]
-        return run["status"], run.get("status-details", "")
-    except (ValueError, KeyError, IndexError):
-        return "unknown", result.stdout.strip()[-500:]
 
 
 def submit(
@@ -175,7 +98,7 @@ def submit(
     on_line = on_line or echo_line
     own_home = home is None
     home = Path(tempfile.mkdtemp(prefix="fedpneumo-submit-")) if home is None else home
-    write_connection(home, address)
+    write_connection(home, CONNECTION, address)
     cli_env = flower_env(env if env is not None else os.environ, home)
     run_config = f"overrides={toml_string(shlex.join(overrides))}"
     args = [flower_bin("flwr"), "run", str(app_dir), CONNECTION]
@@ -198,7 +121,7 @@ def submit(
         returncode = proc.wait()
         if run_id is None:
             return FlowerOutcome(None, "not-started", "flwr run failed", returncode)
-        status, details = run_status(cli_env, run_id)
+        status, details = flower_status(cli_env, CONNECTION, run_id)
         return FlowerOutcome(run_id, status, details, returncode)
     finally:
         if proc.poll() is None:  # interrupted: do not leave the CLI behind

@@ -49,10 +49,88 @@ class FlowerOutcome:
         return self.status == "finished:completed"
 
 
-def _bin(name: str) -> str:
+def flower_bin(name: str) -> str:
     """Return a console script of this environment (the venv's, not PATH's)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
+
+
+def flower_env(env: Mapping[str, str], home: Path) -> dict[str, str]:
+    """Return an environment for Flower processes: own home, no runtime installs."""
+    return {
+        **env,
+        "FLWR_HOME": str(home),
+        # The app runs in this environment; never `uv sync` at run time.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Flower finds flower-superexec, flwr-simulation, ... on PATH.
+        "PATH": os.pathsep.join(
+            [str(Path(sys.executable).parent), env.get("PATH", os.defpath)]
+        ),
+    }
+
+
+def write_connection(home: Path, name: str, address: str) -> None:
+    """Write a Flower ``config.toml`` whose default connection is ``address``."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n'
+        f'[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+    )
+
+
+def wait_healthy(
+    address: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    timeout_s: float = READY_TIMEOUT_S,
+    logfile: Path | None = None,
+) -> None:
+    """Block until a SuperLink answers ``/health`` (or its process exits)."""
+    url = f"http://{address}/health"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = logfile.read_text()[-2000:] if logfile and logfile.exists() else ""
+            raise RuntimeError(f"flower-superlink exited early: {tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no SuperLink answered on {url}")
+        time.sleep(0.2)
+
+
+def flower_status(
+    env: Mapping[str, str], connection: str, run_id: int, cwd: Path | None = None
+) -> tuple[str, str]:
+    """Return Flower's (status, details) of a run, e.g. ``finished:completed``."""
+    result = subprocess.run(
+        [
+            flower_bin("flwr"),
+            "ls",
+            connection,
+            "--run-id",
+            str(run_id),
+            "--format",
+            "json",
+        ],  # fmt: skip
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        run = json.loads(result.stdout)["runs"][0]
+        return run["status"], run.get("status-details", "")
+    except (ValueError, KeyError, IndexError):
+        return "unknown", result.stdout.strip()[-500:]
 
 
 def descendants(pid: int) -> list[int]:
@@ -124,19 +202,7 @@ class LocalSuperLink:
         self.home = Path(tempfile.mkdtemp(prefix="fedpneumo-flwr-"))
         self.port = free_port()
         self.cwd = cwd
-        self.env = {
-            **env,
-            "FLWR_HOME": str(self.home),
-            # The app runs in this environment; never `uv sync` at run time.
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PYTHONUNBUFFERED": "1",
-            # Flower finds flower-superexec, flwr-simulation, ... on PATH.
-            "PATH": os.pathsep.join(
-                [str(Path(sys.executable).parent), env.get("PATH", os.defpath)]
-            ),
-        }
+        self.env = flower_env(env, self.home)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> LocalSuperLink:
@@ -148,15 +214,12 @@ class LocalSuperLink:
 
     def start(self) -> None:
         """Start the SuperLink and wait until it answers."""
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
-            "insecure = true\n"
-        )
-        logfile = (self.home / "superlink.log").open("wb")
+        address = f"127.0.0.1:{self.port}"
+        write_connection(self.home, CONNECTION, address)
+        log_path = self.home / "superlink.log"
         self.proc = subprocess.Popen(
             [
-                _bin("flower-superlink"),
+                flower_bin("flower-superlink"),
                 "--simulation",
                 "--insecure",
                 "--disable-runtime-dependency-installation",
@@ -171,26 +234,10 @@ class LocalSuperLink:
             ],
             env=self.env,
             cwd=self.cwd,
-            stdout=logfile,
+            stdout=log_path.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        url = f"http://127.0.0.1:{self.port}/health"
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    "flower-superlink exited early: "
-                    + (self.home / "superlink.log").read_text()[-2000:]
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not answer on {url}")
-            time.sleep(0.2)
+        wait_healthy(address, self.proc, logfile=log_path)
 
     def submit(
         self,
@@ -200,7 +247,7 @@ class LocalSuperLink:
     ) -> FlowerOutcome:
         """Run the app to its end with `flwr run --stream`; return Flower's verdict."""
         args = [
-            _bin("flwr"),
+            flower_bin("flwr"),
             "run",
             str(APP_DIR),
             CONNECTION,
@@ -236,32 +283,12 @@ class LocalSuperLink:
 
     def status(self, run_id: int) -> tuple[str, str]:
         """Return Flower's (status, details) of a run."""
-        result = subprocess.run(
-            [
-                _bin("flwr"),
-                "ls",
-                CONNECTION,
-                "--run-id",
-                str(run_id),
-                "--format",
-                "json",
-            ],
-            env=self.env,
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        try:
-            runs = json.loads(result.stdout)["runs"]
-            return runs[0]["status"], runs[0].get("status-details", "")
-        except (ValueError, KeyError, IndexError):
-            return "unknown", result.stdout.strip()[-500:]
+        return flower_status(self.env, CONNECTION, run_id, self.cwd)
 
     def stop_run(self, run_id: int) -> None:
         """Ask Flower to stop a run (best effort)."""
         subprocess.run(
-            [_bin("flwr"), "stop", str(run_id), CONNECTION],
+            [flower_bin("flwr"), "stop", str(run_id), CONNECTION],
             env=self.env,
             cwd=self.cwd,
             capture_output=True,

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 runs_app = typer.Typer(
     help="List, show, compare, plot and export runs (read-only).",
+    rich_markup_mode=None,
     no_args_is_help=True,
 )
 
