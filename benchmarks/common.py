@@ -79,8 +79,14 @@ def target(
 ) -> dict[str, Any]:
     """Describe a target and whether the measured value meets it."""
     met = value <= goal if op == "<=" else value >= goal
-    return {"what": what, "value": value, "op": op, "goal": goal, "unit": unit,
-            "met": bool(met)}  # fmt: skip
+    return {
+        "what": what,
+        "value": value,
+        "op": op,
+        "goal": goal,
+        "unit": unit,
+        "met": bool(met),
+    }
 
 
 def federated_session(overrides: list[str], env: dict[str, str] | None = None) -> Any:

@@ -20,10 +20,14 @@ log = logging.getLogger(__name__)
 
 def federated_round_seconds(data: str, rounds: int, out: str, gpu: bool) -> dict:
     """Steady-state round seconds and start-up of the default simulation."""
-    device = [
-        "train.device=cuda",
-        "simulation.client_num_gpus=0.1",
-    ] if gpu else ["train.device=cpu", "simulation.client_num_gpus=0.0"]  # fmt: skip
+    device = (
+        [
+            "train.device=cuda",
+            "simulation.client_num_gpus=0.1",
+        ]
+        if gpu
+        else ["train.device=cpu", "simulation.client_num_gpus=0.0"]
+    )
     outcome = federated_session(
         [
             f"data.path={data}",

@@ -52,6 +52,8 @@ class TrainSettings:
     epochs: int = 1
     batch_size: int = 64
     lr: float = 1e-3
+    # Per-epoch learning-rate schedule (see lr_at); clients get theirs per round.
+    lr_schedule: str = "constant"
     optimizer: str = "adam"
     weight_decay: float = 0.0
     # Weight of the positive class in the loss; None = no weighting.
@@ -76,6 +78,22 @@ class FitResult:
     best_epoch: int | None = None
     threshold: float | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(base_lr: float, schedule: str, step: int, total: int) -> float:
+    """Learning rate at step (1-based) of total: constant, or cosine to 5%.
+
+    Used per epoch in centralized training and per round in federated
+    training, where the server sends each round's rate to the clients.
+    """
+    if schedule == "constant" or total <= 1:
+        return base_lr
+    progress = (step - 1) / (total - 1)
+    floor = 0.05 * base_lr
+    return floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -223,6 +241,8 @@ def fit(
             cb.on_train_start()
         for epoch in range(1, s.epochs + 1):
             started = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(s.lr, s.lr_schedule, epoch, s.epochs)
             metrics = _prefixed(
                 "train",
                 _train_epoch(

@@ -77,6 +77,7 @@ def train_settings(cfg: AppConfig, **overrides: Any) -> TrainSettings:
         "epochs": t.epochs,
         "batch_size": t.batch_size,
         "lr": t.lr,
+        "lr_schedule": t.lr_schedule,
         "optimizer": t.optimizer,
         "weight_decay": t.weight_decay,
         "augment": cfg.data.augment,

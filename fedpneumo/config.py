@@ -43,6 +43,7 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 MODELS = ("cnn", "resnet18")
 NORMS = ("batch", "group", "none")
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_WRITES = ("direct", "relay")
 # Set by the strategy itself, or meaningless for ours: not user params.
@@ -94,6 +95,7 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     optimizer: str = "adam"
     weight_decay: float = 0.0
     class_weighting: bool = True
@@ -323,6 +325,7 @@ def validate(cfg: AppConfig) -> None:
     _check(t.lr > 0, "train.lr", t.lr, "it must be > 0")
     _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "it must be >= 0")
     _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _choice("train.device", t.device, DEVICES)
     p = cfg.partition
     _choice("partition.name", p.name, PARTITIONS)

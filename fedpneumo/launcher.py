@@ -118,7 +118,7 @@ def flower_status(
             str(run_id),
             "--format",
             "json",
-        ],  # fmt: skip
+        ],
         env=dict(env),
         cwd=cwd,
         capture_output=True,

@@ -267,6 +267,8 @@ def _train(
         instructions(cfg, recorder.run_id, url, pos_weight),
         round_offset=offset,
         min_success_fraction=cfg.strategy.min_success_fraction,
+        lr_schedule=cfg.train.lr_schedule,
+        num_rounds=cfg.num_rounds,
     )
     if state.get("strategy_state"):
         strategy.restore(state["strategy_state"])

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from client_app.messages import INFO_RECORD, RELAY_RECORD, decode_relay_rows
+from client_app.trainer import lr_at
 from fedpneumo.config import AppConfig, strategy_class
 from server_app.recorder import RunRecorder, concise_reason
 
@@ -73,10 +74,14 @@ class TrackingMixin:
         *,
         round_offset: int = 0,
         min_success_fraction: float = 0.5,
+        lr_schedule: str = "constant",
+        num_rounds: int = 1,
     ) -> None:
         """Connect the strategy to this run's recorder and settings."""
         self.recorder = recorder
         self.train_settings = train_settings
+        self.lr_schedule = lr_schedule
+        self.num_rounds = num_rounds
         self.round_offset = round_offset
         self.min_success_fraction = min_success_fraction
         self.client_of_node = {}
@@ -88,6 +93,9 @@ class TrackingMixin:
         round_number = server_round + self.round_offset
         for key, value in self.train_settings.items():
             config[key] = value
+        config["lr"] = lr_at(
+            self.train_settings["lr"], self.lr_schedule, round_number, self.num_rounds
+        )
         config["server-round"] = round_number
         messages = list(
             super().configure_train(round_number, arrays, config, grid)  # type: ignore[misc]

@@ -95,7 +95,7 @@ CASES = {
             f"data.path={d}",
             "data.limit=50",
             "simulation.num_supernodes=20",
-        ],  # fmt: skip
+        ],
         2,
         "simulation.num_supernodes=20 needs at least 200 training images",
     ),
@@ -135,7 +135,7 @@ CASES = {
             *DIVERGE,
             "simulation.num_supernodes=2",
             "num_rounds=1",
-        ],  # fmt: skip
+        ],
         1,
         "TrainingDivergedError: training diverged at epoch 1",
     ),
