@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -64,28 +63,20 @@ class EvaluationRecord:
     def to_entry(self) -> dict[str, Any]:
         """Return a JSON-able spool entry."""
         entry = asdict(self)
-        entry["metrics"] = {k: _encode_float(v) for k, v in self.metrics.items()}
+        entry["metrics"] = {k: float(v) for k, v in self.metrics.items()}
         return {"kind": "server_evaluation", **entry}
-
-
-def _encode_float(value: float) -> float | str:
-    value = float(value)
-    return value if math.isfinite(value) else repr(value)  # 'nan', 'inf', '-inf'
-
-
-def _decode_float(value: float | str) -> float:
-    return float(value)
 
 
 def points_to_columns(points: list[MetricPoint]) -> dict[str, list[Any]]:
     """Pack metric points as parallel lists (JSON- and ConfigRecord-friendly).
 
-    Non-finite values become the strings 'nan', 'inf' and '-inf'; a missing
-    round is -1, since the lists must hold one type.
+    Values stay floats, NaN and infinities included (Python's json writes and
+    reads them; Flower records take them); a missing round is -1, since each
+    list must hold one type.
     """
     return {
         "names": [p.metric_name for p in points],
-        "values": [_encode_float(p.value) for p in points],
+        "values": [float(p.value) for p in points],
         "steps": [int(p.step) for p in points],
         "splits": [p.dataset_type for p in points],
         "rounds": [-1 if p.round_number is None else p.round_number for p in points],
@@ -97,7 +88,7 @@ def points_from_columns(columns: Mapping[str, Any]) -> list[MetricPoint]:
     return [
         MetricPoint(
             metric_name=name,
-            value=_decode_float(value),
+            value=float(value),
             step=int(step),
             dataset_type=split,
             round_number=None if int(rnd) < 0 else int(rnd),
@@ -133,7 +124,7 @@ def apply_entry(session: Any, entry: Mapping[str, Any]) -> int:
             session, run_id=entry["run_id"], client_id=client_id, points=points
         )
     if kind == "server_evaluation":
-        metrics = {k: _decode_float(v) for k, v in entry["metrics"].items()}
+        metrics = {k: float(v) for k, v in entry["metrics"].items()}
         stored = repo.add_server_evaluation(
             session,
             run_id=entry["run_id"],
