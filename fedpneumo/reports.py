@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from fedpneumo.export import row_dict
 from fedpneumo.launcher import process_alive
 from persistence.db import (
     DatabaseError,
@@ -31,7 +32,6 @@ from persistence.db import (
     normalize_url,
 )
 from persistence.models import (
-    Base,
     Client,
     ClientFailure,
     Experiment,
@@ -47,14 +47,6 @@ TRAIN_LOSS = "train_loss"
 VAL_AUROC = "val_auroc"
 # Server evaluation columns; centralized runs log them per epoch as ``val_<name>``.
 CURVE_FIELDS = ("loss", "accuracy", "auroc", "f1_score", "precision", "recall")
-# Table name -> model, in the order an export lists them.
-EXPORT_TABLES: dict[str, type[Base]] = {
-    "runs": Run,
-    "clients": Client,
-    "server_evaluations": ServerEvaluation,
-    "run_metrics": RunMetric,
-    "client_failures": ClientFailure,
-}
 
 
 def is_stale(run: Run, *, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:
@@ -358,19 +350,6 @@ def _failure_counts(session: Session, run_ids: Sequence[int]) -> dict[Any, int]:
     return counts
 
 
-def row_dict(row: Base) -> dict[str, Any]:
-    """Return a row's columns as JSON-ready values: ISO times, NaN as None."""
-    values: dict[str, Any] = {}
-    for column in row.__table__.columns:
-        value = getattr(row, column.key)
-        if isinstance(value, datetime):
-            value = value.isoformat()
-        elif isinstance(value, float) and math.isnan(value):
-            value = None
-        values[column.key] = value
-    return values
-
-
 def load_failures(session: Session, run_id: int) -> list[dict[str, Any]]:
     """Return a run's client failures as rows, by round."""
     stmt = (
@@ -379,23 +358,6 @@ def load_failures(session: Session, run_id: int) -> list[dict[str, Any]]:
         .order_by(ClientFailure.round_number, ClientFailure.id)
     )
     return [row_dict(f) for f in session.scalars(stmt)]
-
-
-def export_run(session: Session, run_id: int) -> dict[str, list[dict[str, Any]]]:
-    """Return a run's rows of every table (``EXPORT_TABLES``), by table name.
-
-    Raises:
-        RunNotFoundError: the run has no row.
-    """
-    run = session.get(Run, run_id)
-    if run is None:
-        raise RunNotFoundError(run_id)
-    tables: dict[str, list[dict[str, Any]]] = {"runs": [row_dict(run)]}
-    for name, model in list(EXPORT_TABLES.items())[1:]:
-        table = model.__table__
-        stmt = select(model).where(table.c.run_id == run_id).order_by(table.c.id)
-        tables[name] = [row_dict(row) for row in session.scalars(stmt)]
-    return tables
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import sys
@@ -353,7 +351,8 @@ def export(
     empty where the row's table lacks the column or the value is NULL.
     Floats keep full precision, booleans are true/false, runs.config is JSON.
     """
-    from fedpneumo.reports import export_run, read_session
+    from fedpneumo.export import csv_text, export_run, json_text
+    from fedpneumo.reports import read_session
 
     with read_session(_url(db)) as session:
         tables = export_run(session, run_id)
@@ -363,44 +362,3 @@ def export(
     else:
         output.write_text(text, encoding="utf-8")
         make_console().print(f"wrote {output}", markup=False)
-
-
-def csv_cell(value: Any) -> str:
-    """Format one exported value for CSV: '' for NULL, repr for floats."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, dict | list):
-        return json.dumps(value)
-    return str(value)
-
-
-def json_text(tables: dict[str, list[dict[str, Any]]]) -> str:
-    """Return an exported run as one indented JSON object."""
-    document = {
-        "run": tables["runs"][0],
-        "clients": tables["clients"],
-        "server_evaluations": tables["server_evaluations"],
-        "metrics": tables["run_metrics"],
-        "client_failures": tables["client_failures"],
-    }
-    return json.dumps(document, indent=2) + "\n"
-
-
-def csv_text(tables: dict[str, list[dict[str, Any]]]) -> str:
-    """Return an exported run as one long CSV table (see ``runs export --help``)."""
-    from fedpneumo.reports import EXPORT_TABLES
-
-    header = ["table"]
-    for model in EXPORT_TABLES.values():
-        header += [c.key for c in model.__table__.columns if c.key not in header]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
-    writer.writeheader()
-    for name, rows in tables.items():
-        for row in rows:
-            writer.writerow({"table": name, **{k: csv_cell(v) for k, v in row.items()}})
-    return buffer.getvalue()

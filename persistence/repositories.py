@@ -218,10 +218,14 @@ def get_or_create_client(
 
 
 def metric_rows(
-    *, run_id: int, client_id: int | None, points: Iterable[MetricPoint]
+    *,
+    run_id: int,
+    client_id: int | None,
+    points: Iterable[MetricPoint],
+    recorded_at: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """Turn metric points into ``run_metrics`` rows (NaN as NULL + flag)."""
-    now = utcnow()
+    stamp = recorded_at or utcnow()
     rows = []
     for p in points:
         value = float(p.value)
@@ -236,7 +240,7 @@ def metric_rows(
                 "is_nan": is_nan,
                 "step": p.step,
                 "dataset_type": p.dataset_type,
-                "timestamp": p.timestamp or now,
+                "timestamp": p.timestamp or stamp,
             }
         )
     return rows
@@ -270,25 +274,31 @@ def add_metrics(
     run_id: int,
     client_id: int | None,
     points: Sequence[MetricPoint],
+    recorded_at: datetime | None = None,
 ) -> int:
     """Insert metric points in one transaction; return how many were new.
 
     Points already stored (same run, client, round, name, step and split) are
-    skipped, so re-delivering a batch changes nothing.
+    skipped, so re-delivering a batch changes nothing. ``recorded_at`` stamps
+    points without a timestamp of their own (default: now).
     """
     if not points:
         return 0
-    rows = metric_rows(run_id=run_id, client_id=client_id, points=points)
+    recorded_at = recorded_at or utcnow()
     dialect = session.get_bind().dialect.name
-    if dialect == "postgresql" and len(rows) >= COPY_MIN_ROWS:
-        return _copy_metrics(session, rows)
+    if dialect == "postgresql" and len(points) >= COPY_MIN_ROWS:
+        buffer = _csv_rows(run_id, client_id, points, recorded_at)
+        return _copy_metrics(session, buffer, len(points))
+    rows = metric_rows(
+        run_id=run_id, client_id=client_id, points=points, recorded_at=recorded_at
+    )
     stmt = _insert(session, RunMetric).on_conflict_do_nothing()
     result = session.execute(stmt.returning(RunMetric.id), rows)
     return len(result.all())
 
 
-def _copy_metrics(session: Session, rows: list[dict[str, Any]]) -> int:
-    """Insert rows with COPY (PostgreSQL); return how many were new.
+def _copy_metrics(session: Session, buffer: io.StringIO, count: int) -> int:
+    """Insert CSV rows with COPY (PostgreSQL); return how many were new.
 
     A fresh batch is copied straight into ``run_metrics``. If any of its rows
     is already stored (a replay), the copy is rolled back to a savepoint and
@@ -297,14 +307,13 @@ def _copy_metrics(session: Session, rows: list[dict[str, Any]]) -> int:
     import psycopg2
     from psycopg2 import errors
 
-    buffer = _csv_rows(rows)
     connection = session.connection()
     try:
         connection.exec_driver_sql("SAVEPOINT fresh_batch")
         try:
             _copy(connection, "run_metrics", buffer)
             connection.exec_driver_sql("RELEASE SAVEPOINT fresh_batch")
-            return len(rows)
+            return count
         except errors.UniqueViolation:
             connection.exec_driver_sql("ROLLBACK TO SAVEPOINT fresh_batch")
         buffer.seek(0)
@@ -324,27 +333,33 @@ def _copy_metrics(session: Session, rows: list[dict[str, Any]]) -> int:
     return result.rowcount
 
 
-def _csv_rows(rows: list[dict[str, Any]]) -> io.StringIO:
+def _csv_rows(
+    run_id: int,
+    client_id: int | None,
+    points: Sequence[MetricPoint],
+    recorded_at: datetime,
+) -> io.StringIO:
+    """Write points as CSV for COPY, straight from the tuples (no row dicts)."""
+    stamp = recorded_at.isoformat()
     buffer = io.StringIO()
-    stamps: dict[datetime, str] = {}  # a batch shares one timestamp
     # Strings are quoted, so text stays text; FORCE_NULL in _copy reads the
     # (quoted) empty value of the nullable columns as NULL.
     writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC)
-    for row in rows:
-        stamp = row["timestamp"]
-        writer.writerow(
-            [
-                row["run_id"],
-                row["client_id"],
-                row["round_number"],
-                row["metric_name"],
-                row["metric_value"],
-                "t" if row["is_nan"] else "f",
-                row["step"],
-                row["dataset_type"],
-                stamps.get(stamp) or stamps.setdefault(stamp, stamp.isoformat()),
-            ]
+    nan = math.isnan
+    writer.writerows(
+        (
+            run_id,
+            client_id,
+            p.round_number,
+            p.metric_name,
+            None if nan(p.value) else float(p.value),
+            "t" if nan(p.value) else "f",
+            p.step,
+            p.dataset_type,
+            p.timestamp.isoformat() if p.timestamp else stamp,
         )
+        for p in points
+    )
     buffer.seek(0)
     return buffer
 

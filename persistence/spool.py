@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from persistence import repositories as repo
 from persistence.db import DatabaseError, get_engine, mask_url, session_scope
+from persistence.models import utcnow
 from persistence.repositories import MetricPoint
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ class MetricBatch:
     node_id: str | None = None
     num_examples: int | None = None
     batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # When the metrics were measured: rows keep it even if written later.
+    recorded_at: str = field(default_factory=lambda: utcnow().isoformat())
 
     def to_entry(self) -> dict[str, Any]:
         """Return a JSON-able spool entry (points as columns: compact and fast)."""
@@ -120,8 +124,13 @@ def apply_entry(session: Any, entry: Mapping[str, Any]) -> int:
             )
             client_id = client.id
         points = points_from_columns(entry["points"])
+        recorded = entry.get("recorded_at")
         return repo.add_metrics(
-            session, run_id=entry["run_id"], client_id=client_id, points=points
+            session,
+            run_id=entry["run_id"],
+            client_id=client_id,
+            points=points,
+            recorded_at=datetime.fromisoformat(recorded) if recorded else None,
         )
     if kind == "server_evaluation":
         metrics = {k: float(v) for k, v in entry["metrics"].items()}
