@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "GiB",
             ),
         ],
+        notes="The clients sampled each round hold 1/N of the data, so a round's "
+        "training work shrinks as N grows; what stays flat is the cost of having N "
+        "clients registered (sampling, messages, tracking). Connections are those "
+        "PostgreSQL reports for the whole run: one pool per process (server and "
+        "each Ray worker), not one per client.",
         argv=argv,
     )
     return figures
