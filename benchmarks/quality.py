@@ -13,6 +13,7 @@ import argparse
 import math
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import federated_session, save_result, target
 
@@ -22,6 +23,8 @@ PARTITIONS = {
     "dirichlet(0.1)": ["partition=dirichlet", "partition.alpha=0.1"],
 }
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+# Config sections that decide a trained model (a reused run must match them all).
+SHAPING_KEYS = ("seed", "num_rounds", "data", "model", "train", "partition", "strategy")
 
 
 def has_test_split(path: str) -> bool:
@@ -39,25 +42,89 @@ def scores(checkpoint: str, data: str, split: str) -> dict[str, float]:
     return evaluate_checkpoint(Path(checkpoint), data, split)
 
 
-def federated(base: list[str], extra: list[str], data: str) -> dict[str, float]:
+def feasible_partition(overrides: list[str]) -> list[str]:
+    """Return overrides whose partition draw succeeds.
+
+    Dirichlet(0.1) over two classes and ten clients usually leaves a client
+    under partition.min_partition_size; then the first partition.seed from 0
+    whose draw gives every client enough images is used (and reported).
+    """
+    from fedpneumo.config import ConfigError, load_config, resolve_paths
+    from fedpneumo.federated import check_partitions
+
+    for extra in ([], *([f"partition.seed={s}"] for s in range(100))):
+        try:
+            check_partitions(resolve_paths(load_config([*overrides, *extra])))
+        except ConfigError:
+            continue
+        return [*overrides, *extra]
+    raise RuntimeError(f"no partition.seed below 100 works for {overrides}")
+
+
+def reusable_run(overrides: list[str], mode: str, epochs: int | None = None) -> Any:
+    """Return a completed run in the outputs database with this exact setup.
+
+    Lets an interrupted benchmark go on where it stopped (``--reuse``): the
+    run's stored config must match on everything that shapes the model.
+    """
+    from sqlalchemy import select
+
+    from fedpneumo.config import database_url, load_config, resolve_paths, snapshot
+    from persistence.db import get_engine, session_scope
+    from persistence.models import Run
+
+    cfg = resolve_paths(load_config(overrides))
+    if epochs is not None:
+        cfg.train.epochs = epochs
+    want = snapshot(cfg)
+    url = database_url(cfg)
+    if url.startswith("sqlite") and not Path(cfg.db.sqlite_path).exists():
+        return None
+    with session_scope(get_engine(url)) as db:
+        runs = db.scalars(
+            select(Run)
+            .where(Run.status == "completed", Run.training_mode == mode)
+            .order_by(Run.id.desc())
+        ).all()
+        for run in runs:
+            have = dict(run.config)
+            # Snapshots from before partition.seed existed drew with the run's seed.
+            have["partition"] = {"seed": None, **have.get("partition", {})}
+            if all(have.get(key) == want[key] for key in SHAPING_KEYS):
+                db.expunge(run)
+                return run
+    return None
+
+
+def federated(
+    base: list[str], extra: list[str], data: str, reuse: bool
+) -> dict[str, float]:
     """Run one federated configuration; return its best-round figures."""
     from sqlalchemy import select
 
     from persistence.db import get_engine, session_scope
     from persistence.models import ServerEvaluation
 
-    outcome = federated_session([*base, *extra])
-    with session_scope(get_engine(outcome.url)) as db:
+    overrides = feasible_partition([*base, *extra])
+    run = reusable_run(overrides, "federated") if reuse else None
+    if run is None:
+        outcome = federated_session(overrides)
+        run, url = outcome.run, outcome.url
+    else:
+        url = database_url_of(overrides)
+        print(f"reusing completed run {run.id} for {' '.join(extra)}", flush=True)
+    with session_scope(get_engine(url)) as db:
         evals = db.scalars(
-            select(ServerEvaluation).where(ServerEvaluation.run_id == outcome.run.id)
+            select(ServerEvaluation).where(ServerEvaluation.run_id == run.id)
         ).all()
         best = max(evals, key=lambda e: -math.inf if e.auroc is None else e.auroc)
         row = {
-            "run_id": outcome.run.id,
+            "run_id": run.id,
+            "overrides": [*extra, *overrides[len(base) + len(extra) :]],
             "best_round": best.round_number,
             "val_auroc": best.auroc,
             "val_accuracy": best.accuracy,
-            "checkpoint": outcome.run.checkpoint_path,
+            "checkpoint": run.checkpoint_path,
         }
     if has_test_split(data):
         test = scores(row["checkpoint"], data, "test")
@@ -65,13 +132,35 @@ def federated(base: list[str], extra: list[str], data: str) -> dict[str, float]:
     return row
 
 
-def centralized(base: list[str], data: str) -> dict[str, float]:
+def database_url_of(overrides: list[str]) -> str:
+    """The tracking database a configuration writes to."""
+    from fedpneumo.config import database_url, load_config, resolve_paths
+
+    return database_url(resolve_paths(load_config(overrides)))
+
+
+def centralized(base: list[str], data: str, reuse: bool) -> dict[str, float]:
     """Run the centralized baseline with the same preset."""
     from fedpneumo.centralized import run_centralized
     from fedpneumo.config import load_config, resolve_paths
 
     cfg = resolve_paths(load_config(base))
     cfg.train.epochs = cfg.num_rounds * cfg.train.local_epochs
+    run = reusable_run(base, "centralized", cfg.train.epochs) if reuse else None
+    if run is not None:  # the saved best model scores what the run selected
+        print(f"reusing completed run {run.id} for centralized", flush=True)
+        val = scores(run.checkpoint_path, data, "val")
+        row = {
+            "run_id": run.id,
+            "best_round": None,
+            "val_auroc": val["auroc"],
+            "val_accuracy": val["accuracy"],
+            "checkpoint": run.checkpoint_path,
+        }
+        if has_test_split(data):
+            test = scores(run.checkpoint_path, data, "test")
+            row.update(test_auroc=test["auroc"], test_accuracy=test["accuracy"])
+        return row
     result = run_centralized(cfg)
     summary = result.fit.summary
     row = {
@@ -95,6 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default="../shared/data/pneumoniamnist.npz")
     parser.add_argument("--preset", default="pneumonia_dirichlet05")
     parser.add_argument("--outputs", default=None)
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take completed runs with the same setup from the --outputs database",
+    )
     args = parser.parse_args(argv)
     data = str(Path(args.data).resolve())
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,11 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"outputs_dir={out}",
             "experiment_name=bench-quality",
         ]
-        table = {"centralized": centralized(base, data)}
+        table = {"centralized": centralized(base, data, args.reuse)}
         for pname, pargs in PARTITIONS.items():
             for strategy in STRATEGIES:
                 table[f"{strategy} {pname}"] = federated(
-                    base, [*pargs, f"strategy={strategy}"], data
+                    base, [*pargs, f"strategy={strategy}"], data, args.reuse
                 )
     headline = table["fedavg dirichlet(0.5)"]
     figures = {

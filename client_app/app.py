@@ -70,6 +70,7 @@ def _partition_spec(
         classes_per_client=ins.partition_classes,
         min_partition_size=ins.partition_min_size,
         num_partitions=num_partitions,
+        partition_seed=ins.partition_seed,
         val_fraction=ins.client_val_fraction,
     )
 

@@ -55,6 +55,7 @@ class TrainInstructions:
     partition_alpha: float
     partition_classes: int
     partition_min_size: int
+    partition_seed: int
     client_val_fraction: float
     outputs_dir: str
     client_writes: str

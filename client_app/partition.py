@@ -8,11 +8,12 @@ actor serves many virtual clients one after another.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, disable_progress_bars
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
@@ -23,6 +24,8 @@ from flwr_datasets.partitioner.partitioner import Partitioner
 from client_app.data import DataError, Split, XrayData, limit_split, resolve_data
 
 log = logging.getLogger(__name__)
+# The index bookkeeping below takes milliseconds; its progress bars are noise.
+disable_progress_bars()
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class PartitionSpec:
     classes_per_client: int
     min_partition_size: int
     num_partitions: int
+    partition_seed: int
     val_fraction: float
 
 
@@ -53,7 +57,7 @@ def make_partitioner(spec: PartitionSpec) -> Partitioner:
             min_partition_size=spec.min_partition_size,
             self_balancing=False,
             shuffle=True,
-            seed=spec.seed,
+            seed=spec.partition_seed,
         )
     if spec.name == "pathological":
         return PathologicalPartitioner(
@@ -62,7 +66,7 @@ def make_partitioner(spec: PartitionSpec) -> Partitioner:
             num_classes_per_partition=spec.classes_per_client,
             class_assignment_mode="random",
             shuffle=True,
-            seed=spec.seed,
+            seed=spec.partition_seed,
         )
     raise ValueError(
         f"partition.name {spec.name!r} is not one of iid, dirichlet, pathological"
@@ -101,13 +105,27 @@ def partition_indices(spec: PartitionSpec) -> tuple[np.ndarray, ...]:
         {"label": labels.tolist(), "row": list(range(len(labels)))}
     )
     if spec.name == "iid":  # IidPartitioner splits in order: shuffle first
-        dataset = dataset.shuffle(seed=spec.seed).flatten_indices()
+        dataset = dataset.shuffle(seed=spec.partition_seed).flatten_indices()
     partitioner = make_partitioner(spec)
     partitioner.dataset = dataset
-    return tuple(
-        np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
-        for i in range(spec.num_partitions)
-    )
+    try:
+        with warnings.catch_warnings():
+            # Each failed Dirichlet draw warns; the outcome is reported below.
+            warnings.filterwarnings("ignore", module="flwr_datasets")
+            return tuple(
+                np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+                for i in range(spec.num_partitions)
+            )
+    except ValueError as exc:  # flwr-datasets gives up after 10 Dirichlet draws
+        if spec.name != "dirichlet":
+            raise
+        raise DataError(
+            f"partition.alpha={spec.alpha} could not give all "
+            f"{spec.num_partitions} clients at least partition.min_partition_size="
+            f"{spec.min_partition_size} training images in 10 draws ({exc}); "
+            "raise partition.alpha, lower partition.min_partition_size or use "
+            "fewer clients"
+        ) from None
 
 
 def client_split(spec: PartitionSpec, partition_id: int) -> tuple[Split, Split]:
@@ -120,7 +138,7 @@ def client_split(spec: PartitionSpec, partition_id: int) -> tuple[Split, Split]:
         spec.data_path, spec.limit, spec.image_size, spec.seed
     ).split("train")
     rows = partition_indices(spec)[partition_id]
-    rng = np.random.default_rng([spec.seed, partition_id])
+    rng = np.random.default_rng([spec.partition_seed, partition_id])
     rows = rng.permutation(rows)
     n_val = int(round(len(rows) * spec.val_fraction)) if len(rows) > 1 else 0
     n_val = max(n_val, 1) if len(rows) > 1 else 0

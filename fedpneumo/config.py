@@ -110,6 +110,8 @@ class PartitionConfig:
     alpha: float = 0.5
     classes_per_client: int = 1
     min_partition_size: int = 10
+    # Seed of the partition draw alone; null = the run's seed.
+    seed: int | None = None
 
 
 @dataclass
@@ -330,6 +332,7 @@ def validate(cfg: AppConfig) -> None:
     p = cfg.partition
     _choice("partition.name", p.name, PARTITIONS)
     _check(p.alpha > 0, "partition.alpha", p.alpha, "it must be > 0")
+    _check(p.seed is None or p.seed >= 0, "partition.seed", p.seed, "use null or >= 0")
     _check(
         p.classes_per_client in (1, 2),
         "partition.classes_per_client",
@@ -403,6 +406,11 @@ def _validate_strategy_params(strategy: StrategyConfig) -> None:
             strategy.params[key],
             f"{cls.__name__} accepts: " + ", ".join(sorted(accepted)),
         )
+
+
+def partition_seed(cfg: AppConfig) -> int:
+    """Return the seed of the partition draw: partition.seed, else the run's seed."""
+    return cfg.seed if cfg.partition.seed is None else cfg.partition.seed
 
 
 def resolve_paths(cfg: AppConfig, base: Path | None = None) -> AppConfig:

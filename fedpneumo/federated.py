@@ -20,6 +20,7 @@ from fedpneumo.config import (
     config_from_snapshot,
     database_url,
     load_config,
+    partition_seed,
     resolve_paths,
 )
 from fedpneumo.launcher import FlowerOutcome, LocalSuperLink
@@ -96,6 +97,34 @@ def federation_config(cfg: AppConfig) -> str:
     return " ".join(parts)
 
 
+def check_partitions(cfg: AppConfig) -> None:
+    """Draw the clients' partitions once, so an infeasible split fails here.
+
+    Clients draw the same partitions later (same spec, same seed); a failure
+    there would only surface as every client erroring in round 1.
+    """
+    from client_app.partition import PartitionSpec, partition_indices
+
+    try:
+        partition_indices(
+            PartitionSpec(
+                data_path=cfg.data.path,
+                limit=cfg.data.limit,
+                image_size=cfg.data.image_size,
+                seed=cfg.seed,
+                name=cfg.partition.name,
+                alpha=cfg.partition.alpha,
+                classes_per_client=cfg.partition.classes_per_client,
+                min_partition_size=cfg.partition.min_partition_size,
+                num_partitions=cfg.simulation.num_supernodes,
+                partition_seed=partition_seed(cfg),
+                val_fraction=cfg.data.client_val_fraction,
+            )
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
     """Compose and check everything that can fail before Flower starts."""
     from fedpneumo.centralized import load_data
@@ -104,15 +133,8 @@ def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
     data = load_data(cfg, allow_synthetic_fallback=True)
     if data.synthetic and cfg.data.path is None:
         cfg.data.path = "synthetic"  # the loud fallback, recorded in the run
-    train = data.split("train")
     data.split("val")
-    needed = cfg.simulation.num_supernodes * cfg.partition.min_partition_size
-    if needed > len(train):
-        raise ConfigError(
-            f"simulation.num_supernodes={cfg.simulation.num_supernodes} needs at least "
-            f"{needed} training images (partition.min_partition_size="
-            f"{cfg.partition.min_partition_size} each) but there are {len(train)}"
-        )
+    check_partitions(cfg)
     if cfg.strategy.name == "bulyan":
         sampled = int(cfg.strategy.fraction_train * cfg.simulation.num_supernodes)
         f = int(cfg.strategy.params.get("num_malicious_nodes", 0))

@@ -171,7 +171,9 @@ def kill_tree(
                 os.kill(victim, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 0)
+        # SIGKILL is delivered asynchronously too: wait for the exits so callers
+        # (resume, stale-run checks) never see a process that is about to vanish.
+        deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(process_alive(v) for v in victims):
             time.sleep(0.1)
     for victim in victims:  # reap our own children

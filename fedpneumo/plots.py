@@ -21,7 +21,7 @@ from fedpneumo.reports import ClientReport, RunReport
 # Fixed size and resolution: the PNG is always 1200 x 800 pixels.
 FIGSIZE_IN = (12.0, 8.0)
 DPI = 100
-# (curve field, panel title, y label, y limits or None to autoscale)
+# (curve field, panel title, y label, bounds of the metric or None)
 SERVER_PANELS = (
     ("auroc", "Validation AUROC (higher is better)", "val AUROC", (0.0, 1.0)),
     ("accuracy", "Validation accuracy", "val accuracy", (0.0, 1.0)),
@@ -50,10 +50,12 @@ def _style(run: RunReport) -> str:
 
 
 def _draw_server_panels(axes: Sequence[Axes], runs: Sequence[RunReport]) -> None:
-    for ax, (field, title, ylabel, ylim) in zip(axes, SERVER_PANELS, strict=True):
+    for ax, (field, title, ylabel, bounds) in zip(axes, SERVER_PANELS, strict=True):
+        seen: list[float] = []
         for i, run in enumerate(runs):
             steps = [p.step for p in run.curve]
             values = [_nan(getattr(p, field)) for p in run.curve]
+            seen += [v for v in values if math.isfinite(v)]
             ax.plot(
                 steps,
                 values,
@@ -65,8 +67,12 @@ def _draw_server_panels(axes: Sequence[Axes], runs: Sequence[RunReport]) -> None
             )
         ax.set_title(title)
         ax.set_ylabel(ylabel)
-        if ylim is not None:
-            ax.set_ylim(ylim[0] - 0.02, ylim[1] + 0.02)
+        if bounds is not None and seen:
+            # Zoom to the data (good runs differ in the last percent) but never
+            # past the metric's own bounds.
+            low, high = max(bounds[0], min(seen)), min(bounds[1], max(seen))
+            pad = max((high - low) * 0.05, 0.005)
+            ax.set_ylim(max(bounds[0], low - pad), min(bounds[1], high) + pad)
 
 
 def _draw_client_panel(

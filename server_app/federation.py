@@ -23,6 +23,7 @@ from fedpneumo.config import (
     config_from_snapshot,
     database_url,
     load_config,
+    partition_seed,
     resolve_paths,
     snapshot,
 )
@@ -110,6 +111,7 @@ def instructions(
         partition_alpha=cfg.partition.alpha,
         partition_classes=cfg.partition.classes_per_client,
         partition_min_size=cfg.partition.min_partition_size,
+        partition_seed=partition_seed(cfg),
         client_val_fraction=cfg.data.client_val_fraction,
         outputs_dir=cfg.outputs_dir,
         client_writes=cfg.tracking.client_writes,

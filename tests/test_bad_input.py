@@ -99,6 +99,17 @@ CASES = {
         2,
         "simulation.num_supernodes=20 needs at least 200 training images",
     ),
+    "infeasible-dirichlet-skew": Case(
+        lambda d, t: [
+            "run",
+            f"data.path={d}",
+            "partition=dirichlet",
+            "partition.alpha=0.05",
+        ],
+        2,
+        "partition.alpha=0.05 could not give all 10 clients at least "
+        "partition.min_partition_size=10",
+    ),
     "missing-data-file": Case(
         lambda d, t: ["train", f"data.path={t / 'missing.npz'}"],
         1,
