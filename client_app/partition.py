@@ -123,8 +123,8 @@ def partition_indices(spec: PartitionSpec) -> tuple[np.ndarray, ...]:
             f"partition.alpha={spec.alpha} could not give all "
             f"{spec.num_partitions} clients at least partition.min_partition_size="
             f"{spec.min_partition_size} training images in 10 draws ({exc}); "
-            "raise partition.alpha, lower partition.min_partition_size or use "
-            "fewer clients"
+            "raise partition.alpha, lower partition.min_partition_size, use "
+            "fewer clients or draw again with another partition.seed"
         ) from None
 
 
