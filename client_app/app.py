@@ -57,24 +57,6 @@ def _direct_url(ins: TrainInstructions) -> str:
     return url
 
 
-def _partition_spec(
-    ins: TrainInstructions, num_partitions: int, data_path: str
-) -> PartitionSpec:
-    return PartitionSpec(
-        data_path=data_path or None,
-        limit=ins.data_limit or None,
-        image_size=ins.image_size,
-        seed=ins.seed,
-        name=ins.partition_name,
-        alpha=ins.partition_alpha,
-        classes_per_client=ins.partition_classes,
-        min_partition_size=ins.partition_min_size,
-        num_partitions=num_partitions,
-        partition_seed=ins.partition_seed,
-        val_fraction=ins.client_val_fraction,
-    )
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this hospital's partition."""
@@ -88,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     # A SuperNode may hold its own copy of the data (--node-config data-path=...).
     data_path = str(context.node_config.get("data-path") or ins.data_path)
     train_split, val_split = client_split(
-        _partition_spec(ins, num_partitions, data_path), partition_id
+        PartitionSpec.from_instructions(ins, num_partitions, data_path), partition_id
     )
     model = build_model(
         ins.model_name,

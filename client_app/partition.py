@@ -22,6 +22,7 @@ from flwr_datasets.partitioner import (
 from flwr_datasets.partitioner.partitioner import Partitioner
 
 from client_app.data import DataError, Split, XrayData, limit_split, resolve_data
+from client_app.messages import TrainInstructions
 
 log = logging.getLogger(__name__)
 # The index bookkeeping below takes milliseconds; its progress bars are noise.
@@ -43,6 +44,25 @@ class PartitionSpec:
     num_partitions: int
     partition_seed: int
     val_fraction: float
+
+    @classmethod
+    def from_instructions(
+        cls, ins: TrainInstructions, num_partitions: int, data_path: str
+    ) -> PartitionSpec:
+        """Build the spec a client derives from the server's round instructions."""
+        return cls(
+            data_path=data_path or None,
+            limit=ins.data_limit or None,
+            image_size=ins.image_size,
+            seed=ins.seed,
+            name=ins.partition_name,
+            alpha=ins.partition_alpha,
+            classes_per_client=ins.partition_classes,
+            min_partition_size=ins.partition_min_size,
+            num_partitions=num_partitions,
+            partition_seed=ins.partition_seed,
+            val_fraction=ins.client_val_fraction,
+        )
 
 
 def make_partitioner(spec: PartitionSpec) -> Partitioner:

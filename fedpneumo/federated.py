@@ -20,7 +20,6 @@ from fedpneumo.config import (
     config_from_snapshot,
     database_url,
     load_config,
-    partition_seed,
     resolve_paths,
 )
 from fedpneumo.launcher import FlowerOutcome, LocalSuperLink
@@ -104,23 +103,15 @@ def check_partitions(cfg: AppConfig) -> None:
     there would only surface as every client erroring in round 1.
     """
     from client_app.partition import PartitionSpec, partition_indices
+    from server_app.federation import instructions
 
+    spec = PartitionSpec.from_instructions(
+        instructions(cfg, run_id=0, url=None, pos_weight=None),
+        cfg.simulation.num_supernodes,
+        cfg.data.path or "",
+    )
     try:
-        partition_indices(
-            PartitionSpec(
-                data_path=cfg.data.path,
-                limit=cfg.data.limit,
-                image_size=cfg.data.image_size,
-                seed=cfg.seed,
-                name=cfg.partition.name,
-                alpha=cfg.partition.alpha,
-                classes_per_client=cfg.partition.classes_per_client,
-                min_partition_size=cfg.partition.min_partition_size,
-                num_partitions=cfg.simulation.num_supernodes,
-                partition_seed=partition_seed(cfg),
-                val_fraction=cfg.data.client_val_fraction,
-            )
-        )
+        partition_indices(spec)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -84,7 +84,7 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_S) ->
 
 def instructions(
     cfg: AppConfig, run_id: int, url: str | None, pos_weight: float | None
-) -> dict[str, Any]:
+) -> TrainInstructions:
     """Return the settings every client receives each round."""
     no_secret_url = url if url and "@" not in url else ""
     return TrainInstructions(
@@ -117,7 +117,7 @@ def instructions(
         client_writes=cfg.tracking.client_writes,
         enable_db=cfg.tracking.enable_db,
         db_url=no_secret_url,
-    ).to_config()
+    )
 
 
 def _partition_label(cfg: AppConfig) -> str:
@@ -266,7 +266,7 @@ def _train(
     strategy = make_strategy(cfg, num_nodes)
     strategy.attach(
         recorder,
-        instructions(cfg, recorder.run_id, url, pos_weight),
+        instructions(cfg, recorder.run_id, url, pos_weight).to_config(),
         round_offset=offset,
         min_success_fraction=cfg.strategy.min_success_fraction,
         lr_schedule=cfg.train.lr_schedule,
