@@ -67,15 +67,22 @@ def figures_table(figures: dict[str, Any], prefix: str = "") -> list[str]:
 def quality_table(table: dict[str, dict[str, Any]]) -> list[str]:
     """The quality matrix as a Markdown table."""
     has_test = any("test_auroc" in row for row in table.values())
-    head = "| configuration | run | best round | val AUROC | val accuracy |"
-    sep = "|---|---|---|---|---|"
+    head = (
+        "| configuration | overrides on the preset | client train images "
+        "| run | best round | val AUROC | val accuracy |"
+    )
+    sep = "|---|---|---|---|---|---|---|"
     if has_test:
         head += " test AUROC | test accuracy |"
         sep += "---|---|"
     lines = [head, sep]
     for name, row in table.items():
+        overrides = " ".join(f"`{o}`" for o in row.get("overrides", [])) or "-"
+        sizes = row.get("client_train_images")
+        sizes = ", ".join(map(str, sizes)) if sizes else "-"
         line = (
-            f"| {name} | {row['run_id']} | {row['best_round']} | "
+            f"| {name} | {overrides} | {sizes} | {row['run_id']} | "
+            f"{row['best_round']} | "
             f"{num(row['val_auroc'])} | {num(row['val_accuracy'])} |"
         )
         if has_test:

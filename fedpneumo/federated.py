@@ -96,8 +96,10 @@ def federation_config(cfg: AppConfig) -> str:
     return " ".join(parts)
 
 
-def check_partitions(cfg: AppConfig) -> None:
+def check_partitions(cfg: AppConfig) -> list[int]:
     """Draw the clients' partitions once, so an infeasible split fails here.
+
+    Returns the number of training images each client gets.
 
     Clients draw the same partitions later (same spec, same seed); a failure
     there would only surface as every client erroring in round 1.
@@ -111,7 +113,7 @@ def check_partitions(cfg: AppConfig) -> None:
         cfg.data.path or "",
     )
     try:
-        partition_indices(spec)
+        return [len(rows) for rows in partition_indices(spec)]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
