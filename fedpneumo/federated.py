@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shlex
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -228,6 +229,11 @@ def _interrupted(superlink: LocalSuperLink, url: str) -> None:
                 status="failed",
                 error_message="KeyboardInterrupt: interrupted by the user (Ctrl-C)",
             )
+        where = f" --db {url}" if url.startswith("sqlite") else ""
+        sys.stderr.write(
+            f"interrupted: run {run.id} marked failed after {run.rounds_completed} "
+            f"rounds; `fedpneumo resume {run.id}{where}` continues it\n"
+        )
 
 
 def run_sessions(

@@ -157,7 +157,7 @@ CASES = {
         db="unreachable",
     ),
     "wrong-credentials": Case(
-        lambda d, t: ["run", f"data.path={d}", *QUICK],
+        lambda d, t: ["run", f"data.path={d}", *QUICK, "simulation.num_supernodes=2"],
         1,
         "wrong user name or password",
         db="wrong-password",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from fedpneumo.launcher import kill_tree
+from fedpneumo.launcher import descendants, kill_tree, process_alive
 from fedpneumo.pg_server import ThrowawayPostgres
 from fedpneumo.reports import is_stale
 from persistence import repositories as repo
@@ -156,6 +156,36 @@ def test_killed_run_resumes_in_the_same_run(
     per_client = [k for k in keys if k[0] is not None]
     assert len(per_client) == clients * 4 * PER_EPOCH
     assert {k[1] for k in per_client} == {1, 2, 3, 4}
+
+
+def test_ctrl_c_marks_the_run_failed_and_leaves_no_processes(
+    tmp_path: Path, data_file: Path
+) -> None:
+    out = tmp_path / "out"
+    url = f"sqlite:///{out / 'fedpneumo.db'}"
+    args = [f"data.path={data_file}", "data.limit=300", *SMALL, "num_rounds=20"]
+    proc = start_run([*args, f"outputs_dir={out}"], {})
+    try:
+        wait_for_round(url, 1, proc)
+        helpers = descendants(proc.pid)  # SuperLink, SuperExec, ServerApp, Ray
+        assert helpers
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc.pid)
+    # 130 = the shell's code for SIGINT; -2 = died of it (either way: interrupted)
+    assert proc.returncode in (130, -signal.SIGINT), output[-3000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(process_alive(p) for p in helpers):
+        time.sleep(0.5)
+    assert not [p for p in helpers if process_alive(p)], "processes left behind"
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert run.status == "failed" and run.end_time is not None
+        assert "interrupted by the user" in run.error_message
+        assert 1 <= run.rounds_completed < 20
+        assert f"interrupted: run {run.id} marked failed" in output
+        assert f"fedpneumo resume {run.id} --db {url}" in output
 
 
 def test_failing_client_is_recorded_and_the_run_completes(
