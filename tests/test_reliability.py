@@ -49,6 +49,12 @@ def metric_keys(url: str) -> list[tuple]:
         ).all()
 
 
+def _as_in_a_terminal() -> None:
+    # A background job (`make test &`, CI runners) inherits SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt; a terminal's Ctrl-C has it on.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_run(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     """Start `fedpneumo run` in the background, in its own session."""
     return subprocess.Popen(
@@ -58,6 +64,7 @@ def start_run(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=_as_in_a_terminal,
     )
 
 
