@@ -49,20 +49,26 @@ def feasible_partition(overrides: list[str]) -> tuple[list[str], list[int]]:
     under partition.min_partition_size; then the first partition.seed from 0
     whose draw gives every client enough images is used (and reported).
     """
+    from fedpneumo.centralized import load_data
     from fedpneumo.config import ConfigError, load_config, resolve_paths
     from fedpneumo.federated import check_partitions
 
+    # partition.seed changes only the draw, never which images are in play.
+    labels = load_data(resolve_paths(load_config(overrides))).split("train").labels
     for extra in ([], *([f"partition.seed={s}"] for s in range(100))):
         try:
-            sizes = check_partitions(resolve_paths(load_config([*overrides, *extra])))
+            cfg = resolve_paths(load_config([*overrides, *extra]))
+            sizes = check_partitions(cfg, labels)
         except ConfigError:
             continue
         return [*overrides, *extra], sizes
     raise RuntimeError(f"no partition.seed below 100 works for {overrides}")
 
 
-def reusable_run(overrides: list[str], mode: str, epochs: int | None = None) -> Any:
-    """Return a completed run in the outputs database with this exact setup.
+def reusable_run(
+    overrides: list[str], mode: str, epochs: int | None = None
+) -> tuple[Any, str] | None:
+    """Return a completed run with this exact setup, and its database URL.
 
     Lets an interrupted benchmark go on where it stopped (``--reuse``): the
     run's stored config must match on everything that shapes the model.
@@ -92,7 +98,7 @@ def reusable_run(overrides: list[str], mode: str, epochs: int | None = None) -> 
             have["partition"] = {"seed": None, **have.get("partition", {})}
             if all(have.get(key) == want[key] for key in SHAPING_KEYS):
                 db.expunge(run)
-                return run
+                return run, url
     return None
 
 
@@ -106,12 +112,12 @@ def federated(
     from persistence.models import ServerEvaluation
 
     overrides, sizes = feasible_partition([*base, *extra])
-    run = reusable_run(overrides, "federated") if reuse else None
-    if run is None:
+    reused = reusable_run(overrides, "federated") if reuse else None
+    if reused is None:
         outcome = federated_session(overrides)
         run, url = outcome.run, outcome.url
     else:
-        url = database_url_of(overrides)
+        run, url = reused
         print(f"reusing completed run {run.id} for {' '.join(extra)}", flush=True)
     with session_scope(get_engine(url)) as db:
         evals = db.scalars(
@@ -131,13 +137,6 @@ def federated(
         test = scores(row["checkpoint"], data, "test")
         row.update(test_auroc=test["auroc"], test_accuracy=test["accuracy"])
     return row
-
-
-def database_url_of(overrides: list[str]) -> str:
-    """The tracking database a configuration writes to."""
-    from fedpneumo.config import database_url, load_config, resolve_paths
-
-    return database_url(resolve_paths(load_config(overrides)))
 
 
 def reused_centralized_row(run: Any, url: str, data: str) -> dict[str, Any]:
@@ -174,14 +173,14 @@ def reused_centralized_row(run: Any, url: str, data: str) -> dict[str, Any]:
 def centralized(base: list[str], data: str, reuse: bool) -> dict[str, float]:
     """Run the centralized baseline with the same preset."""
     from fedpneumo.centralized import run_centralized
-    from fedpneumo.config import database_url, load_config, resolve_paths
+    from fedpneumo.config import load_config, resolve_paths
 
     cfg = resolve_paths(load_config(base))
     cfg.train.epochs = cfg.num_rounds * cfg.train.local_epochs
-    run = reusable_run(base, "centralized", cfg.train.epochs) if reuse else None
-    if run is not None:
-        print(f"reusing completed run {run.id} for centralized", flush=True)
-        return reused_centralized_row(run, database_url(cfg), data)
+    reused = reusable_run(base, "centralized", cfg.train.epochs) if reuse else None
+    if reused is not None:
+        print(f"reusing completed run {reused[0].id} for centralized", flush=True)
+        return reused_centralized_row(*reused, data)
     result = run_centralized(cfg)
     summary = result.fit.summary
     row = {

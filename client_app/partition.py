@@ -113,6 +113,11 @@ def partition_indices(spec: PartitionSpec) -> tuple[np.ndarray, ...]:
         .split("train")
         .labels
     )
+    return draw_partitions(spec, labels)
+
+
+def draw_partitions(spec: PartitionSpec, labels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Split the train-split rows with these labels among the spec's clients."""
     if spec.num_partitions * max(spec.min_partition_size, 1) > len(labels):
         raise DataError(
             f"simulation.num_supernodes={spec.num_partitions} needs at least "

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -28,6 +29,9 @@ from fedpneumo.progress import ProgressReporter
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope, upgrade_database
 from persistence.models import Run
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +101,16 @@ def federation_config(cfg: AppConfig) -> str:
     return " ".join(parts)
 
 
-def check_partitions(cfg: AppConfig) -> list[int]:
+def check_partitions(cfg: AppConfig, train_labels: np.ndarray) -> list[int]:
     """Draw the clients' partitions once, so an infeasible split fails here.
 
-    Returns the number of training images each client gets.
+    ``train_labels`` are those of the (limited) train split the clients will
+    load. Returns the number of training images each client gets.
 
     Clients draw the same partitions later (same spec, same seed); a failure
     there would only surface as every client erroring in round 1.
     """
-    from client_app.partition import PartitionSpec, partition_indices
+    from client_app.partition import PartitionSpec, draw_partitions
     from server_app.federation import instructions
 
     spec = PartitionSpec.from_instructions(
@@ -114,7 +119,7 @@ def check_partitions(cfg: AppConfig) -> list[int]:
         cfg.data.path or "",
     )
     try:
-        return [len(rows) for rows in partition_indices(spec)]
+        return [len(rows) for rows in draw_partitions(spec, train_labels)]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -128,7 +133,7 @@ def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
     if data.synthetic and cfg.data.path is None:
         cfg.data.path = "synthetic"  # the loud fallback, recorded in the run
     data.split("val")
-    check_partitions(cfg)
+    check_partitions(cfg, data.split("train").labels)
     if cfg.strategy.name == "bulyan":
         sampled = int(cfg.strategy.fraction_train * cfg.simulation.num_supernodes)
         f = int(cfg.strategy.params.get("num_malicious_nodes", 0))

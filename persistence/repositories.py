@@ -222,10 +222,9 @@ def metric_rows(
     run_id: int,
     client_id: int | None,
     points: Iterable[MetricPoint],
-    recorded_at: datetime | None = None,
+    recorded_at: datetime,
 ) -> list[dict[str, Any]]:
     """Turn metric points into ``run_metrics`` rows (NaN as NULL + flag)."""
-    stamp = recorded_at or utcnow()
     rows = []
     for p in points:
         value = float(p.value)
@@ -240,7 +239,7 @@ def metric_rows(
                 "is_nan": is_nan,
                 "step": p.step,
                 "dataset_type": p.dataset_type,
-                "timestamp": p.timestamp or stamp,
+                "timestamp": p.timestamp or recorded_at,
             }
         )
     return rows
