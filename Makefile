@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,19 +18,24 @@ install: $(STAMP) ## Create or update .venv
 run: install ## A short federated simulation on SQLite, then a run summary
 	$(BIN)/fedpneumo run $(ARGS)
 
-test: install lint ## The whole suite (ruff, then pytest)
+test: install lint ## The whole suite (lint, then pytest, e2e included)
 	$(BIN)/python -m pytest $(ARGS)
 
-lint: install
+test-fast: install ## The unit tier only (no Flower runs)
+	$(BIN)/python -m pytest -m "not e2e" $(ARGS)
+
+lint: install ## ruff, the formatter's check and the layer contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: install ## All benchmarks; figures go to BENCHMARKS.md
-	$(BIN)/fedpneumo bench all $(ARGS)
+DATA ?= ../shared/data/pneumoniamnist.npz
+bench: install ## All CPU benchmarks on DATA; figures go to BENCHMARKS.md
+	$(BIN)/python -m benchmarks all --data $(DATA) $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -62,7 +62,7 @@ def save_result(
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     result = {
         "name": name,
-        "command": " ".join(["fedpneumo", "bench", name, *(argv or [])]),
+        "command": " ".join(["python -m benchmarks", name, *(argv or [])]),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "figures": figures,

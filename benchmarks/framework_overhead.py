@@ -27,7 +27,7 @@ def centralized_epochs(
 ) -> tuple[list[float], float]:
     """Return steady-state epoch seconds and the start-up seconds of training."""
     from fedpneumo.centralized import run_centralized
-    from fedpneumo.config import load_config, resolve_paths
+    from server_app.compose import load_config, resolve_paths
 
     started = time.monotonic()
     cfg = resolve_paths(
@@ -49,8 +49,10 @@ def centralized_epochs(
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark and save its figures."""
-    parser = argparse.ArgumentParser(prog="fedpneumo bench framework_overhead")
-    parser.add_argument("--data", default="../shared/data/pneumoniamnist.npz")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks framework_overhead")
+    parser.add_argument(
+        "--data", required=True, help="PneumoniaMNIST .npz file or image folder"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)

@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark and save its figures."""
     import torch
 
-    parser = argparse.ArgumentParser(prog="fedpneumo bench gpu")
-    parser.add_argument("--data", default="../shared/data/pneumoniamnist.npz")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks gpu")
+    parser.add_argument(
+        "--data", required=True, help="PneumoniaMNIST .npz file or image folder"
+    )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--skip-cpu", action="store_true")

@@ -49,9 +49,10 @@ def feasible_partition(overrides: list[str]) -> tuple[list[str], list[int]]:
     under partition.min_partition_size; then the first partition.seed from 0
     whose draw gives every client enough images is used (and reported).
     """
-    from fedpneumo.centralized import load_data
-    from fedpneumo.config import ConfigError, load_config, resolve_paths
     from fedpneumo.federated import check_partitions
+    from server_app.compose import load_config, resolve_paths
+    from server_app.config import ConfigError
+    from server_app.factories import configured_data as load_data
 
     # partition.seed changes only the draw, never which images are in play.
     labels = load_data(resolve_paths(load_config(overrides))).split("train").labels
@@ -75,9 +76,14 @@ def reusable_run(
     """
     from sqlalchemy import select
 
-    from fedpneumo.config import database_url, load_config, resolve_paths, snapshot
     from persistence.db import get_engine, session_scope
     from persistence.models import Run
+    from server_app.compose import (
+        database_url,
+        load_config,
+        resolve_paths,
+        snapshot,
+    )
 
     cfg = resolve_paths(load_config(overrides))
     if epochs is not None:
@@ -173,7 +179,7 @@ def reused_centralized_row(run: Any, url: str, data: str) -> dict[str, Any]:
 def centralized(base: list[str], data: str, reuse: bool) -> dict[str, float]:
     """Run the centralized baseline with the same preset."""
     from fedpneumo.centralized import run_centralized
-    from fedpneumo.config import load_config, resolve_paths
+    from server_app.compose import load_config, resolve_paths
 
     cfg = resolve_paths(load_config(base))
     cfg.train.epochs = cfg.num_rounds * cfg.train.local_epochs
@@ -200,8 +206,10 @@ def centralized(base: list[str], data: str, reuse: bool) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the quality matrix and save its table."""
-    parser = argparse.ArgumentParser(prog="fedpneumo bench quality")
-    parser.add_argument("--data", default="../shared/data/pneumoniamnist.npz")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks quality")
+    parser.add_argument(
+        "--data", required=True, help="PneumoniaMNIST .npz file or image folder"
+    )
     parser.add_argument("--preset", default="pneumonia_dirichlet05")
     parser.add_argument("--outputs", default=None)
     parser.add_argument(

@@ -127,9 +127,9 @@ def render() -> str:
         "# Benchmarks",
         "",
         "Every figure below was written by the committed scripts in `benchmarks/`",
-        "(`make bench` runs them all; `fedpneumo bench NAME` runs one) into",
+        "(`make bench` runs them all; `python -m benchmarks NAME` runs one) into",
         "`benchmarks/results/*.json`, and this page is rendered from those files by",
-        "`fedpneumo bench report`. Timings are medians of repeats with min-max;",
+        "`python -m benchmarks report`. Timings are medians of repeats with min-max;",
         "ratios are measured inside one run, alternating the settings compared.",
         "",
     ]

@@ -20,7 +20,7 @@ from benchmarks.common import federated_session, round_seconds, save_result, tar
 
 def tree_rss_bytes(root: int) -> int:
     """Resident memory of a process and all its descendants."""
-    from fedpneumo.launcher import descendants
+    from fedpneumo.flower import descendants
 
     total = 0
     for pid in [root, *descendants(root)]:
@@ -54,10 +54,12 @@ class Monitor(threading.Thread):
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark and save its figures."""
-    from fedpneumo.pg_server import ThrowawayPostgres
+    from tests.pg_server import ThrowawayPostgres
 
-    parser = argparse.ArgumentParser(prog="fedpneumo bench scale")
-    parser.add_argument("--data", default="../shared/data/pneumoniamnist.npz")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks scale")
+    parser.add_argument(
+        "--data", required=True, help="PneumoniaMNIST .npz file or image folder"
+    )
     parser.add_argument("--clients", default="10,100,1000")
     parser.add_argument("--sampled", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4)

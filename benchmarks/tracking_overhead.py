@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark and save its figures."""
-    parser = argparse.ArgumentParser(prog="fedpneumo bench tracking_overhead")
-    parser.add_argument("--data", default="../shared/data/pneumoniamnist.npz")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks tracking_overhead")
+    parser.add_argument(
+        "--data", required=True, help="PneumoniaMNIST .npz file or image folder"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=10)

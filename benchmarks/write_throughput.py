@@ -14,6 +14,9 @@ from pathlib import Path
 
 from benchmarks.common import save_result, summarize, target
 
+# Rows are generated: `python -m benchmarks all --data ...` passes it none.
+TAKES_DATA = False
+
 
 def _run(url: str) -> int:
     from persistence import repositories as repo
@@ -64,9 +67,9 @@ def row_at_a_time(url: str, rows: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark on SQLite and a throwaway PostgreSQL server."""
-    from fedpneumo.pg_server import ThrowawayPostgres
+    from tests.pg_server import ThrowawayPostgres
 
-    parser = argparse.ArgumentParser(prog="fedpneumo bench write_throughput")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks write_throughput")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--batch-sizes", default="1000,5000")
     parser.add_argument("--single-rows", type=int, default=2000)

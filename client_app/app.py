@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -27,29 +26,20 @@ from client_app.messages import (
 from client_app.metrics_collector import MetricsCollectorCallback
 from client_app.model import build_model
 from client_app.partition import PartitionSpec, client_split
-from client_app.trainer import TrainSettings, fit
+from client_app.trainer import TrainSettings, balanced_pos_weight, fit
+from persistence.db import database_url_from_env
+from persistence.errors import InputError
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 
-# Test-only fault hook: "PARTITION:ROUND" makes that client raise in that round.
-FAULT_ENV = "FEDPNEUMO_FAULT_CLIENT_ROUND"
-
-
-def _maybe_fail(partition_id: int, server_round: int) -> None:
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault and fault == f"{partition_id}:{server_round}":
-        raise RuntimeError(
-            f"injected fault: client {partition_id} fails round {server_round}"
-        )
-
 
 def _direct_url(ins: TrainInstructions) -> str:
     """The database a client writes to itself: never a silent local fallback."""
-    url = ins.db_url or os.environ.get("DATABASE_URL")
+    url = ins.db_url or database_url_from_env()
     if not url:
-        raise RuntimeError(
+        raise InputError(
             "tracking.client_writes=direct needs DATABASE_URL on this SuperNode "
             "(the server never sends database passwords); set it, or use "
             "tracking.client_writes=relay"
@@ -64,7 +54,6 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     client_identifier = f"client-{partition_id}"
-    _maybe_fail(partition_id, ins.server_round)
     torch.set_num_threads(max(ins.num_threads, 1))
 
     # A SuperNode may hold its own copy of the data (--node-config data-path=...).
@@ -104,7 +93,9 @@ def train(msg: Message, context: Context) -> Message:
         lr=ins.lr,
         optimizer=ins.optimizer,
         weight_decay=ins.weight_decay,
-        pos_weight=ins.pos_weight or None,
+        pos_weight=balanced_pos_weight(train_split.labels)
+        if ins.class_weighting
+        else None,
         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
         augment=ins.augment,
         device=ins.device,

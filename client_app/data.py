@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms import v2
 
+from persistence.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -36,7 +38,7 @@ PATH_HINT = (
 )
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Report unusable data input with a one-line, actionable message."""
 
 
@@ -355,6 +357,30 @@ def resolve_data(
         f"{reason}; {PATH_HINT}, put {MEDMNIST_FILE} in {root} (or set "
         "MEDMNIST_ROOT), or set data.path to 'synthetic' for toy data"
     )
+
+
+def load_data(
+    path: str | None,
+    *,
+    image_size: int = 28,
+    limit: int | None = None,
+    seed: int = 0,
+    allow_synthetic_fallback: bool = False,
+) -> XrayData:
+    """Load the data (see ``resolve_data``) and cap every split at ``limit``.
+
+    The cap keeps each split's class ratio and is drawn with ``seed``, so the
+    server, the clients and centralized training see the same images.
+    """
+    data = resolve_data(
+        path,
+        image_size=image_size,
+        allow_synthetic_fallback=allow_synthetic_fallback and not path,
+    )
+    if limit is None:
+        return data
+    splits = {name: limit_split(s, limit, seed) for name, s in data.splits.items()}
+    return XrayData(splits=splits, source=data.source, synthetic=data.synthetic)
 
 
 def _load_path(path: str, image_size: int) -> XrayData:

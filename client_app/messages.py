@@ -39,7 +39,8 @@ class TrainInstructions:
     lr: float
     optimizer: str
     weight_decay: float
-    pos_weight: float  # 0 = unweighted loss
+    # Weight positives by the client's own training labels (neg/pos).
+    class_weighting: bool
     augment: bool
     device: str
     seed: int

@@ -1,6 +1,7 @@
 """Binary classification metrics and threshold selection (scikit-learn based)."""
 
 import logging
+from functools import lru_cache
 
 import numpy as np
 from sklearn.metrics import (
@@ -38,6 +39,18 @@ SERVER_EVAL_KEYS = (
     NUM_SAMPLES,
 )
 DEFAULT_THRESHOLD = 0.5
+SPLITS = ("train", "val", "test")
+
+
+@lru_cache(maxsize=4096)
+def dataset_type_of(metric_name: str) -> str:
+    """Return the split a metric key belongs to (``val_auroc`` -> ``val``)."""
+    prefix = metric_name.split("_", 1)[0]
+    if prefix == "final":
+        prefix = metric_name.split("_", 2)[1]
+    return prefix if prefix in SPLITS else "other"
+
+
 THRESHOLD_EPS = 1e-6
 
 

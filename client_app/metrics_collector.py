@@ -13,44 +13,36 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from client_app.metrics import dataset_type_of
 from client_app.trainer import Callback
 from persistence import repositories as repo
 from persistence.db import default_database_url, get_engine, session_scope
+from persistence.errors import FailedRunError
 from persistence.repositories import MetricPoint
 from persistence.spool import SPOOL_DIRNAME, DurableWriter, MetricBatch, is_transient
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-JSON_NAME = "metrics.json"
+# JSON Lines: one object per metric, appended each epoch (never rewritten).
+JSON_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"
 CSV_FIELDS = ("round", "epoch", "metric_name", "value", "dataset_type")
 
 
-class MissingRunError(LookupError):
+class MissingRunError(FailedRunError, LookupError):
     """A run id that has no row: the collector refuses to invent a run."""
-
-
-@lru_cache(maxsize=4096)
-def dataset_type_of(metric_name: str) -> str:
-    """Return the split a metric key belongs to (``val_auroc`` -> ``val``)."""
-    prefix = metric_name.split("_", 1)[0]
-    if prefix == "final":
-        prefix = metric_name.split("_", 2)[1]
-    return prefix if prefix in SPLITS else "other"
 
 
 class MetricsCollectorCallback(Callback):
     """Collect per-epoch metrics into JSON/CSV files and the tracking database.
 
     Args:
-        save_dir: Folder for ``metrics.json``, ``metrics.csv`` and the spool.
+        save_dir: Folder for ``metrics.jsonl``, ``metrics.csv`` and the spool.
         experiment_name: Name used for the run's files and logs.
         run_id: Database id of an existing run (required in federated mode).
         experiment_id: Experiment to create a centralized run in.
@@ -282,12 +274,8 @@ class MetricsCollectorCallback(Callback):
             if new:
                 writer.writeheader()
             writer.writerows(rows)
-        json_path = self.save_dir / JSON_NAME
-        existing = json.loads(json_path.read_text()) if json_path.exists() else []
-        existing.extend(
-            {**r, "value": r["value"] if math.isfinite(r["value"]) else str(r["value"])}
-            for r in rows
-        )
-        tmp = json_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(existing, indent=1))
-        tmp.replace(json_path)
+        with (self.save_dir / JSON_NAME).open("a") as fh:
+            for r in rows:
+                finite = math.isfinite(r["value"])
+                value = r["value"] if finite else str(r["value"])
+                fh.write(json.dumps({**r, "value": value}) + "\n")

@@ -21,7 +21,7 @@ from flwr_datasets.partitioner import (
 )
 from flwr_datasets.partitioner.partitioner import Partitioner
 
-from client_app.data import DataError, Split, XrayData, limit_split, resolve_data
+from client_app.data import DataError, Split, XrayData, load_data
 from client_app.messages import TrainInstructions
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,7 @@ def load_training_data(
     path: str | None, limit: int | None, image_size: int, seed: int
 ) -> XrayData:
     """Load (and cache per process) the data every client partitions."""
-    data = resolve_data(path, image_size=image_size)
-    if limit is None:
-        return data
-    splits = {k: limit_split(v, limit, seed) for k, v in data.splits.items()}
-    return XrayData(splits=splits, source=data.source, synthetic=data.synthetic)
+    return load_data(path, image_size=image_size, limit=limit, seed=seed)
 
 
 @lru_cache(maxsize=4)

@@ -21,11 +21,12 @@ from torch import nn
 
 from client_app.data import Split, make_loader
 from client_app.metrics import binary_metrics, youden_threshold
+from persistence.errors import FailedRunError
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(FailedRunError):
     """The training loss became NaN or infinite."""
 
 

@@ -6,25 +6,30 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from client_app.data import DataError, XrayData, limit_split, resolve_data
+from client_app import model as models
+from client_app.data import DataError, XrayData, resolve_data
 from client_app.metrics_collector import MetricsCollectorCallback
-from client_app.model import build_model
 from client_app.trainer import (
     FitResult,
-    TrainSettings,
     balanced_pos_weight,
     evaluate,
     fit,
     load_checkpoint,
 )
-from fedpneumo.config import AppConfig, database_url, snapshot
 from fedpneumo.progress import EpochProgress, ProgressReporter
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope, upgrade_database
+from server_app.compose import database_url, snapshot
+from server_app.config import AppConfig
+from server_app.factories import (
+    build_model,
+    configured_data,
+    model_meta,
+    train_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,57 +46,10 @@ class CentralizedResult:
     data: XrayData
 
 
-def load_data(cfg: AppConfig, *, allow_synthetic_fallback: bool = False) -> XrayData:
-    """Load the configured data and apply ``data.limit`` to every split."""
-    data = resolve_data(
-        cfg.data.path,
-        image_size=cfg.data.image_size,
-        allow_synthetic_fallback=allow_synthetic_fallback and cfg.data.path is None,
-    )
-    if cfg.data.limit is None:
-        return data
-    splits = {
-        name: limit_split(split, cfg.data.limit, cfg.seed)
-        for name, split in data.splits.items()
-    }
-    return XrayData(splits=splits, source=data.source, synthetic=data.synthetic)
-
-
-def model_meta(cfg: AppConfig) -> dict[str, Any]:
-    """Return what a checkpoint needs to rebuild its model."""
-    return {
-        "model": {
-            "name": cfg.model.name,
-            "width": cfg.model.width,
-            "dropout": cfg.model.dropout,
-            "norm": cfg.model.norm,
-        },
-        "image_size": cfg.data.image_size,
-    }
-
-
-def train_settings(cfg: AppConfig, **overrides: Any) -> TrainSettings:
-    """Build the trainer's settings from the config."""
-    t = cfg.train
-    values: dict[str, Any] = {
-        "epochs": t.epochs,
-        "batch_size": t.batch_size,
-        "lr": t.lr,
-        "lr_schedule": t.lr_schedule,
-        "optimizer": t.optimizer,
-        "weight_decay": t.weight_decay,
-        "augment": cfg.data.augment,
-        "device": t.device,
-        "seed": cfg.seed,
-    }
-    values.update(overrides)
-    return TrainSettings(**values)
-
-
 def run_centralized(cfg: AppConfig) -> CentralizedResult:
     """Train on the train split, select on val, record one centralized run."""
     # Validate the input before touching the database: bad data leaves no trace.
-    data = load_data(cfg, allow_synthetic_fallback=True)
+    data = configured_data(cfg, allow_synthetic_fallback=True)
     url = database_url(cfg)
     upgrade_database(url)
     train, val = data.split("train"), data.split("val")
@@ -122,12 +80,7 @@ def run_centralized(cfg: AppConfig) -> CentralizedResult:
         checkpoint_path=save_dir / CHECKPOINT_NAME,
         checkpoint_meta=model_meta(cfg),
     )
-    model = build_model(
-        cfg.model.name,
-        width=cfg.model.width,
-        dropout=cfg.model.dropout,
-        norm=cfg.model.norm,
-    )
+    model = build_model(cfg)
     log.info(
         "centralized training: %d train / %d val images from %s, %d epochs",
         len(train),
@@ -158,9 +111,7 @@ def evaluate_checkpoint(
     meta = state.get("model")
     if not isinstance(meta, dict):
         raise DataError(f"{checkpoint} is not a fedpneumo checkpoint (no model info)")
-    model = build_model(
-        meta["name"], width=meta["width"], dropout=meta["dropout"], norm=meta["norm"]
-    )
+    model = models.build_model(**meta)
     model.load_state_dict(state["state_dict"])
     data = resolve_data(data_path, image_size=int(state.get("image_size", 28)))
     threshold = float(state["threshold"])

@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedpneumo.config import ConfigError
+from fedpneumo.flower import APP_DIR
 from fedpneumo.runs_cli import DbOption, runs_app
+from persistence.errors import INTERRUPTED_EXIT_CODE, FedPneumoError
 
 app = typer.Typer(
     help="Federated pneumonia detection with Flower, tracked in SQL.",
@@ -70,6 +71,15 @@ def db_upgrade(db: DbOption = None) -> None:
         )
 
 
+AppOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--app",
+        help="Flower app folder to run (default: this project's, which a "
+        "wrapper app may extend, e.g. with Flower mods).",
+        show_default=False,
+    ),
+]
 OVERRIDES_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 Overrides = Annotated[
     list[str] | None,
@@ -81,8 +91,8 @@ Overrides = Annotated[
 def train(overrides: Overrides = None) -> None:
     """Train a centralized baseline; select on val; record one centralized run."""
     from fedpneumo.centralized import run_centralized
-    from fedpneumo.config import database_url, load_config, resolve_paths
     from fedpneumo.summary import print_centralized_summary
+    from server_app.compose import database_url, load_config, resolve_paths
 
     cfg = resolve_paths(load_config(overrides or []))
     result = run_centralized(cfg)
@@ -98,12 +108,15 @@ def run(
     flower_logs: Annotated[
         bool, typer.Option("--flower-logs", help="Echo Flower's own log lines.")
     ] = False,
+    app_dir: AppOption = None,
 ) -> None:
     """Run a federated simulation (one Run per session) and print its summary."""
     from fedpneumo.federated import run_sessions
     from fedpneumo.summary import print_federated_summary
 
-    outcomes = run_sessions(overrides or [], multirun=multirun, echo=flower_logs)
+    outcomes = run_sessions(
+        overrides or [], multirun=multirun, echo=flower_logs, app_dir=app_dir or APP_DIR
+    )
     for outcome in outcomes:
         print_federated_summary(console, outcome)
     _exit_on_failures(outcomes)
@@ -119,6 +132,7 @@ def resume(
     force: Annotated[
         bool, typer.Option(help="Resume even if the run looks alive.")
     ] = False,
+    app_dir: AppOption = None,
 ) -> None:
     """Continue a federated run from its last completed round."""
     from fedpneumo.federated import resume_session
@@ -126,7 +140,9 @@ def resume(
     from persistence.db import default_database_url
 
     url = db or default_database_url(outputs)
-    outcome = resume_session(run_id, url, echo=False, force=force)
+    outcome = resume_session(
+        run_id, url, echo=False, force=force, app_dir=app_dir or APP_DIR
+    )
     print_federated_summary(console, outcome)
     _exit_on_failures([outcome])
 
@@ -169,28 +185,6 @@ def sync(
         raise typer.Exit(1)
 
 
-@app.command(context_settings=OVERRIDES_CONTEXT)
-def bench(
-    name: Annotated[str, typer.Argument(help="A benchmark, 'all' or 'report'.")],
-    args: Annotated[list[str] | None, typer.Argument(help="Its options.")] = None,
-) -> None:
-    """Run a benchmark (figures to benchmarks/results/) or render BENCHMARKS.md."""
-    import importlib
-
-    from benchmarks.report import ORDER as BENCHMARKS
-
-    valid = (*BENCHMARKS, "all", "report")
-    if name not in valid:
-        raise typer.BadParameter(
-            f"{name!r} is not one of: {', '.join(valid)}", param_hint="NAME"
-        )
-    for each in BENCHMARKS if name == "all" else (name,):
-        module = importlib.import_module(f"benchmarks.{each}")
-        console.print(module.main(list(args or [])))
-    if name != "report":
-        importlib.import_module("benchmarks.report").main([])
-
-
 @app.command("evaluate")
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Option(help="A saved model (best_model.pt).")],
@@ -209,34 +203,14 @@ def evaluate_cmd(
         print_metrics(console, metrics, title=f"{checkpoint} on {split}")
 
 
-# Errors whose message is the whole story for users: (module, class name).
-# Looked up in sys.modules so that reporting one never imports torch.
-USER_ERRORS = (
-    ("fedpneumo.config", "ConfigError"),
-    ("client_app.data", "DataError"),
-    ("persistence.db", "DatabaseError"),
-    ("persistence.repositories", "RunNotFoundError"),
-    ("client_app.metrics_collector", "MissingRunError"),
-    ("client_app.trainer", "TrainingDivergedError"),
-)
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """Return True for errors reported as one line, without a traceback."""
-    for module_name, class_name in USER_ERRORS:
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(exc, getattr(module, class_name)):
-            return True
-    return False
-
-
 def main() -> None:
-    """Run the CLI; known user errors exit non-zero with a one-line message."""
+    """Run the CLI; our errors exit with their code and a one-line message."""
     try:
         app()
-    except Exception as exc:
-        if not is_user_error(exc):
-            raise
+    except FedPneumoError as exc:
         # One plain line, never wrapped: scripts and users grep for it.
         sys.stderr.write(f"error: {exc}\n")
-        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(INTERRUPTED_EXIT_CODE)

@@ -1,8 +1,7 @@
 """Flower deployment (not simulation): a SuperLink, SuperNodes and a submitter.
 
 docker-compose runs this topology in containers (see ``docker-compose.yml``);
-``NativeDeployment`` runs the same processes on loopback, for tests and for a
-look at deployment mode without Docker. ``submit`` (``python -m
+the test suite runs the same processes natively on loopback. ``submit`` (``python -m
 fedpneumo.deploy submit``) sends one session to a SuperLink, streams its logs
 and exits non-zero unless Flower reports the run completed: ``flwr run``
 itself exits 0 when a run fails.
@@ -19,25 +18,21 @@ import logging
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from fedpneumo.launcher import (
+from fedpneumo.flower import (
     APP_DIR,
-    STARTED,
     FlowerOutcome,
-    flower_bin,
     flower_env,
-    flower_status,
-    kill_tree,
+    run_args,
+    stream_run,
     toml_string,
     wait_healthy,
     write_connection,
 )
-from fedpneumo.pg_server import free_port
 
 log = logging.getLogger(__name__)
 
@@ -95,139 +90,18 @@ def submit(
         on_line: Receives every streamed log line (default: stdout).
         env: Environment of the ``flwr`` CLI (default: this process's).
     """
-    on_line = on_line or echo_line
     own_home = home is None
     home = Path(tempfile.mkdtemp(prefix="fedpneumo-submit-")) if home is None else home
     write_connection(home, CONNECTION, address)
     cli_env = flower_env(env if env is not None else os.environ, home)
-    run_config = f"overrides={toml_string(shlex.join(overrides))}"
-    args = [flower_bin("flwr"), "run", str(app_dir), CONNECTION]
-    args += ["--run-config", run_config, "--stream"]
-    proc = subprocess.Popen(
-        args,
-        env=cli_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
+    args = run_args(app_dir, CONNECTION, {"overrides": shlex.join(overrides)})
     try:
-        run_id: int | None = None
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if run_id is None and (match := STARTED.search(line)):
-                run_id = int(match.group(1))
-            on_line(line.rstrip("\n"))
-        returncode = proc.wait()
-        if run_id is None:
-            return FlowerOutcome(None, "not-started", "flwr run failed", returncode)
-        status, details = flower_status(cli_env, CONNECTION, run_id)
-        return FlowerOutcome(run_id, status, details, returncode)
+        return stream_run(
+            args, env=cli_env, connection=CONNECTION, on_line=on_line or echo_line
+        )
     finally:
-        if proc.poll() is None:  # interrupted: do not leave the CLI behind
-            kill_tree(proc.pid)
         if own_home:
             shutil.rmtree(home, ignore_errors=True)
-
-
-class NativeDeployment:
-    """A SuperLink and SuperNodes as local processes on loopback.
-
-    The SuperLink gets ``server_env`` (with DATABASE_URL for the ServerApp);
-    the SuperNodes get ``node_env`` with every database variable removed.
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        *,
-        num_nodes: int,
-        server_env: Mapping[str, str],
-        node_env: Mapping[str, str],
-        data_path: str | None = None,
-    ) -> None:
-        self.root = root
-        self.num_nodes = num_nodes
-        self.server_env = dict(server_env)
-        self.node_env = without_database(node_env)
-        self.data_path = data_path
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.superlink: subprocess.Popen[bytes] | None = None
-        self.supernodes: list[subprocess.Popen[bytes]] = []
-
-    def __enter__(self) -> NativeDeployment:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def outputs_dir(self, partition_id: int) -> Path:
-        """Return the outputs folder of a SuperNode (its ``outputs-dir``)."""
-        return self.root / f"supernode-{partition_id}" / "outputs"
-
-    def _spawn(
-        self, name: str, args: list[str], env: dict[str, str]
-    ) -> subprocess.Popen[bytes]:
-        folder = self.root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / f"{name}.log").open("wb") as logfile:
-            return subprocess.Popen(
-                args,
-                env=flower_env(env, folder / "flwr-home"),
-                cwd=folder,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-            )
-
-    def start(self) -> None:
-        """Start the SuperLink, wait for it, then start the SuperNodes."""
-        self.superlink = self._spawn(
-            "superlink",
-            [
-                flower_bin("flower-superlink"),
-                "--insecure",
-                "--isolation",
-                "subprocess",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--database",
-                str(self.root / "superlink" / "state.db"),
-            ],
-            self.server_env,
-        )
-        wait_healthy(self.address, proc=self.superlink)
-        for i in range(self.num_nodes):
-            config = node_config(
-                i, self.num_nodes, self.data_path, str(self.outputs_dir(i))
-            )
-            args = [flower_bin("flower-supernode"), "--insecure"]
-            args += ["--superlink", self.address, "--node-config", config]
-            args += ["--host", "127.0.0.1", "--port", str(free_port())]
-            self.supernodes.append(self._spawn(f"supernode-{i}", args, self.node_env))
-
-    def logs(self) -> str:
-        """Return the tails of every process log (for failure messages)."""
-        parts = []
-        for path in sorted(self.root.glob("*/*.log")):
-            parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
-        return "\n".join(parts)
-
-    def stop(self) -> None:
-        """Stop every process this deployment started, with all descendants."""
-        for proc in [*self.supernodes, self.superlink]:
-            if proc is not None:
-                kill_tree(proc.pid)
-        self.supernodes = []
-        self.superlink = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,41 +5,37 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from fedpneumo.config import (
-    AppConfig,
-    ConfigError,
+from fedpneumo.flower import APP_DIR, FlowerOutcome
+from fedpneumo.launcher import LocalSuperLink
+from fedpneumo.progress import ProgressReporter
+from persistence import repositories as repo
+from persistence.db import get_engine, session_scope, upgrade_database
+from persistence.models import Run, RunStatus
+from server_app.compose import (
     config_from_snapshot,
     database_url,
     load_config,
     resolve_paths,
 )
-from fedpneumo.launcher import FlowerOutcome, LocalSuperLink
-from fedpneumo.progress import ProgressReporter
-from persistence import repositories as repo
-from persistence.db import get_engine, session_scope, upgrade_database
-from persistence.models import Run
-
-if TYPE_CHECKING:
-    import numpy as np
+from server_app.config import AppConfig, ConfigError, StrategyName
+from server_app.events import ROUND_EVALUATED, parse_event
+from server_app.factories import check_partitions, configured_data
+from server_app.runs import resumable_run
 
 log = logging.getLogger(__name__)
 
 # Overrides the launcher sets itself (absolute paths) or moves out of the
 # run config (a URL may hold a password: it travels in the environment).
 MANAGED_KEYS = {"outputs_dir", "data.path", "db.sqlite_path", "db.url"}
-PROGRESS = re.compile(r"round (\d+)/(\d+) (.*?) elapsed=")
-METRIC = re.compile(r"(\w+)=([-\w.]+)")
 
 
 @dataclass
@@ -57,7 +53,7 @@ class SessionOutcome:
     @property
     def ok(self) -> bool:
         """Whether Flower and the tracking database both say completed."""
-        db_ok = self.run is None or self.run.status == "completed"
+        db_ok = self.run is None or self.run.status == RunStatus.COMPLETED
         return self.flower.completed and db_ok
 
 
@@ -101,40 +97,15 @@ def federation_config(cfg: AppConfig) -> str:
     return " ".join(parts)
 
 
-def check_partitions(cfg: AppConfig, train_labels: np.ndarray) -> list[int]:
-    """Draw the clients' partitions once, so an infeasible split fails here.
-
-    ``train_labels`` are those of the (limited) train split the clients will
-    load. Returns the number of training images each client gets.
-
-    Clients draw the same partitions later (same spec, same seed); a failure
-    there would only surface as every client erroring in round 1.
-    """
-    from client_app.partition import PartitionSpec, draw_partitions
-    from server_app.federation import instructions
-
-    spec = PartitionSpec.from_instructions(
-        instructions(cfg, run_id=0, url=None, pos_weight=None),
-        cfg.simulation.num_supernodes,
-        cfg.data.path or "",
-    )
-    try:
-        return [len(rows) for rows in draw_partitions(spec, train_labels)]
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
 def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
     """Compose and check everything that can fail before Flower starts."""
-    from fedpneumo.centralized import load_data
-
     cfg = resolve_paths(load_config(overrides))
-    data = load_data(cfg, allow_synthetic_fallback=True)
+    data = configured_data(cfg, allow_synthetic_fallback=True)
     if data.synthetic and cfg.data.path is None:
         cfg.data.path = "synthetic"  # the loud fallback, recorded in the run
     data.split("val")
     check_partitions(cfg, data.split("train").labels)
-    if cfg.strategy.name == "bulyan":
+    if cfg.strategy.name == StrategyName.bulyan:
         sampled = int(cfg.strategy.fraction_train * cfg.simulation.num_supernodes)
         f = int(cfg.strategy.params.get("num_malicious_nodes", 0))
         if sampled < 4 * f + 3:
@@ -185,11 +156,11 @@ class StreamHandler:
         self.logfile.flush()
         if self.echo:
             log.info("%s", line)
-        if match := PROGRESS.search(line):
-            metrics = {k: float(v) for k, v in METRIC.findall(match.group(3))}
-            round_number = int(match.group(1))
+        event = parse_event(line)
+        if event is not None and event["event"] == ROUND_EVALUATED:
+            round_number = int(event["round"])
             self.round_times[round_number] = time.monotonic() - self.started
-            self.reporter.advance(round_number, metrics)
+            self.reporter.advance(round_number, event.get("metrics", {}))
         elif "ERROR" in line or "Traceback" in line:
             self.errors.append(line)
 
@@ -226,12 +197,12 @@ def _interrupted(superlink: LocalSuperLink, url: str) -> None:
         return
     superlink.stop_run(run_id)
     run = find_run(url, run_id)
-    if run is not None and run.status == "in_progress":
+    if run is not None and run.status == RunStatus.IN_PROGRESS:
         with session_scope(get_engine(url)) as db:
             repo.finish_run(
                 db,
                 run_id=run.id,
-                status="failed",
+                status=RunStatus.FAILED,
                 error_message="KeyboardInterrupt: interrupted by the user (Ctrl-C)",
             )
         where = f" --db {url}" if url.startswith("sqlite") else ""
@@ -242,7 +213,11 @@ def _interrupted(superlink: LocalSuperLink, url: str) -> None:
 
 
 def run_sessions(
-    overrides: Sequence[str], *, multirun: bool, echo: bool
+    overrides: Sequence[str],
+    *,
+    multirun: bool,
+    echo: bool,
+    app_dir: Path = APP_DIR,
 ) -> list[SessionOutcome]:
     """Run one session, or one per combination of a sweep, on one SuperLink."""
     combos = expand_sweep(overrides) if multirun else [list(overrides)]
@@ -250,7 +225,7 @@ def run_sessions(
     outcomes = []
     cwd = Path.cwd()
     url0 = prepared[0][2]
-    with LocalSuperLink(launch_env(url0), cwd) as superlink:
+    with LocalSuperLink(launch_env(url0), cwd, app_dir) as superlink:
         for combo, cfg, url in prepared:
             if url != url0:
                 raise ConfigError("a sweep must use one tracking database (db.*)")
@@ -265,21 +240,20 @@ def run_sessions(
 
 
 def resume_session(
-    run_id: int, url: str, *, echo: bool, force: bool = False
+    run_id: int,
+    url: str,
+    *,
+    echo: bool,
+    force: bool = False,
+    app_dir: Path = APP_DIR,
 ) -> SessionOutcome:
     """Continue a federated run from its last completed round."""
     from fedpneumo.reports import is_stale
 
     upgrade_database(url)
     with session_scope(get_engine(url)) as db:
-        run = repo.require_run(db, run_id)
-        if run.training_mode != "federated":
-            raise ConfigError(
-                f"run {run_id} is centralized; only federated runs resume"
-            )
-        if run.status == "completed":
-            raise ConfigError(f"run {run_id} is already completed; nothing to resume")
-        if run.status == "in_progress" and not force and not is_stale(run):
+        run = resumable_run(db, run_id)
+        if run.status == RunStatus.IN_PROGRESS and not force and not is_stale(run):
             raise ConfigError(
                 f"run {run_id} is still in progress (pid {run.pid} on {run.host}); "
                 "wait for it or stop it first (--force overrides this check)"
@@ -294,7 +268,7 @@ def resume_session(
         f"outputs_dir={cfg.outputs_dir}",
         f"db.sqlite_path={cfg.db.sqlite_path}",
     ]
-    with LocalSuperLink(launch_env(url), Path.cwd()) as superlink:
+    with LocalSuperLink(launch_env(url), Path.cwd(), app_dir) as superlink:
         return launch(
             cfg,
             url,

@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from fedpneumo.export import row_dict
-from fedpneumo.launcher import process_alive
+from fedpneumo.flower import process_alive
 from persistence.db import (
     DatabaseError,
     backend_of,

@@ -19,6 +19,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from persistence.errors import DatabaseError
+
 log = logging.getLogger(__name__)
 
 DATABASE_URL_ENV = "DATABASE_URL"
@@ -29,17 +31,31 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 
-class DatabaseError(RuntimeError):
-    """A database problem reported to users in one line, password masked."""
+def database_url_from_env() -> str | None:
+    """Return ``$DATABASE_URL``, or None; the one place that reads it."""
+    return os.environ.get(DATABASE_URL_ENV) or None
+
+
+def resolve_database_url(
+    explicit: str | None = None, sqlite_path: str | Path | None = None
+) -> str:
+    """Return the tracking database URL.
+
+    Order: an explicit URL (``--db``, ``db.url``), else ``$DATABASE_URL``, else
+    the SQLite file ``sqlite_path`` (default ``outputs/fedpneumo.db``).
+    """
+    if explicit:
+        return explicit
+    env = database_url_from_env()
+    if env:
+        return env
+    path = Path(sqlite_path or Path("outputs") / DEFAULT_SQLITE_NAME)
+    return f"sqlite:///{path.expanduser().resolve()}"
 
 
 def default_database_url(outputs_dir: str | Path = "outputs") -> str:
     """Return ``DATABASE_URL`` when set, else the SQLite file under outputs_dir."""
-    env = os.environ.get(DATABASE_URL_ENV)
-    if env:
-        return env
-    path = Path(outputs_dir).expanduser().resolve() / DEFAULT_SQLITE_NAME
-    return f"sqlite:///{path}"
+    return resolve_database_url(None, Path(outputs_dir) / DEFAULT_SQLITE_NAME)
 
 
 def mask_url(url: str) -> str:

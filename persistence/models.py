@@ -6,6 +6,7 @@ Table and column names are public: reports and users query them with plain SQL.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -29,7 +30,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 TRAINING_MODES = ("centralized", "federated")
-RUN_STATUSES = ("in_progress", "completed", "failed")
+
+
+class RunStatus(StrEnum):
+    """Where a run stands; the ``runs.status`` column holds the value."""
+
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+RUN_STATUSES = tuple(s.value for s in RunStatus)
 
 # Named constraints make migrations reproducible across SQLite and PostgreSQL.
 NAMING_CONVENTION = {
@@ -144,7 +155,7 @@ class Run(Base):
         ForeignKey("experiments.id", ondelete="CASCADE"), index=True
     )
     training_mode: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="in_progress")
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.IN_PROGRESS.value)
     start_time: Mapped[datetime] = mapped_column(default=utcnow)
     end_time: Mapped[datetime | None]
     # Reproduce and audit: what ran, how, and where its artefacts are.

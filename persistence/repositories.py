@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from persistence.errors import RunNotFoundError
 from persistence.models import (
     RUN_STATUSES,
     TRAINING_MODES,
@@ -25,6 +26,7 @@ from persistence.models import (
     Experiment,
     Run,
     RunMetric,
+    RunStatus,
     ServerEvaluation,
     utcnow,
 )
@@ -50,14 +52,6 @@ _COUNT_FIELDS = {
     "false_positives",
     "false_negatives",
 }
-
-
-class RunNotFoundError(LookupError):
-    """A run id that has no row in ``runs``."""
-
-    def __init__(self, run_id: int) -> None:
-        super().__init__(f"run {run_id} does not exist")
-        self.run_id = run_id
 
 
 class MetricPoint(NamedTuple):
@@ -147,10 +141,10 @@ def finish_run(
     session: Session, *, run_id: int, status: str, error_message: str | None = None
 ) -> Run:
     """Close a run as ``completed`` or ``failed`` and stamp its end time."""
-    if status not in RUN_STATUSES or status == "in_progress":
+    if status not in RUN_STATUSES or status == RunStatus.IN_PROGRESS:
         raise ValueError(f"a run finishes as completed or failed, not {status!r}")
     run = require_run(session, run_id)
-    run.status = status
+    run.status = RunStatus(status).value
     run.end_time = utcnow()
     run.error_message = error_message
     session.flush()
@@ -160,7 +154,7 @@ def finish_run(
 def reopen_run(session: Session, *, run_id: int) -> Run:
     """Mark a run ``in_progress`` again, owned by this process (for resume)."""
     run = require_run(session, run_id)
-    run.status = "in_progress"
+    run.status = RunStatus.IN_PROGRESS.value
     run.end_time = None
     run.error_message = None
     run.heartbeat_at = utcnow()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import pickle
 import time
 from pathlib import Path
@@ -16,8 +15,8 @@ from flwr.app import ArrayRecord, MetricRecord
 from client_app.data import Split
 from client_app.metrics import SERVER_EVAL_KEYS
 from client_app.trainer import evaluate, save_checkpoint
-from fedpneumo.config import AppConfig
-from fedpneumo.progress import ProgressReporter
+from server_app.config import AppConfig
+from server_app.events import emit_round
 from server_app.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -25,8 +24,6 @@ log = logging.getLogger(__name__)
 BEST_MODEL = "best_model.pt"
 FINAL_MODEL = "final_model.pt"
 ROUND_STATE = "round_state.pkl"
-# Test-only fault hook: the server raises after this round's training.
-FAULT_ENV = "FEDPNEUMO_FAULT_SERVER_ROUND"
 
 
 def save_round_state(
@@ -64,7 +61,6 @@ class ServerEvaluator:
         *,
         round_offset: int = 0,
         best_auroc: float = -math.inf,
-        reporter: ProgressReporter | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -74,7 +70,6 @@ class ServerEvaluator:
         self.meta = meta
         self.round_offset = round_offset
         self.best_auroc = best_auroc
-        self.reporter = reporter
         self.strategy: Any = None
         self.history: dict[int, dict[str, float]] = {}
 
@@ -83,11 +78,9 @@ class ServerEvaluator:
         round_number = server_round + self.round_offset
         if server_round == 0 and self.round_offset > 0:
             return None  # the initial model was evaluated before the resume
-        if os.environ.get(FAULT_ENV) == str(round_number):
-            raise RuntimeError(f"injected server fault in round {round_number}")
         started = time.perf_counter()
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        metrics = evaluate(self.model, self.val, device=self.cfg.train.device)
+        metrics = evaluate(self.model, self.val, device=str(self.cfg.train.device))
         seconds = time.perf_counter() - started
         self.history[round_number] = metrics
         self.recorder.record_evaluation(round_number, metrics, seconds)
@@ -108,8 +101,7 @@ class ServerEvaluator:
             }
             save_round_state(self.run_dir / ROUND_STATE, arrays, round_number, extra)
             self.recorder.update(rounds_completed=round_number)
-        if self.reporter is not None:
-            self.reporter.advance(round_number, metrics)
+        emit_round(round_number, self.cfg.num_rounds, metrics)
         return MetricRecord(
             {k: float(metrics[k]) for k in (*SERVER_EVAL_KEYS, "threshold")}
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from client_app.metrics import dataset_type_of
 from persistence import repositories as repo
 from persistence.db import get_engine, mask_url, session_scope
 from persistence.repositories import MetricPoint
@@ -117,8 +118,6 @@ class RunRecorder:
         """Store a round's metrics aggregated over clients (no client id)."""
         if not self.writer:
             return
-        from client_app.metrics_collector import dataset_type_of
-
         points = [
             MetricPoint(
                 metric_name=name,

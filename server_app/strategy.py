@@ -18,7 +18,8 @@ from flwr.serverapp import Grid
 
 from client_app.messages import INFO_RECORD, RELAY_RECORD, decode_relay_rows
 from client_app.trainer import lr_at
-from fedpneumo.config import AppConfig, strategy_class
+from persistence.errors import FailedRunError
+from server_app.config import AppConfig, strategy_class
 from server_app.recorder import RunRecorder, concise_reason
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 
-class TooFewRepliesError(RuntimeError):
+class TooFewRepliesError(FailedRunError):
     """Fewer clients replied in a round than the run needs."""
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from fedpneumo.pg_server import ThrowawayPostgres
 from persistence.db import dispose_engines, get_engine, upgrade_database
+from tests.pg_server import ThrowawayPostgres
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from fedpneumo.pg_server import ThrowawayPostgres
 from persistence.db import get_engine, session_scope, upgrade_database
 from tests.conftest import run_cli
+from tests.pg_server import ThrowawayPostgres
 
 QUICK = ("data.limit=200", "model.width=8", "train.epochs=1")
 DIVERGE = (
@@ -22,6 +22,9 @@ DIVERGE = (
     "train.lr=1e6",
     "train.batch_size=8",
 )
+
+# Every test here starts Flower or trains: the e2e tier.
+pytestmark = pytest.mark.e2e
 
 
 def corrupt_npz(folder: Path) -> str:
@@ -112,25 +115,25 @@ CASES = {
     ),
     "missing-data-file": Case(
         lambda d, t: ["train", f"data.path={t / 'missing.npz'}"],
-        1,
+        2,
         "missing.npz' does not exist",
     ),
     "corrupt-data-file": Case(
         lambda d, t: ["train", f"data.path={corrupt_npz(t)}"],
-        1,
+        2,
         "is not a readable .npz file",
     ),
     "misshaped-data-file": Case(
-        lambda d, t: ["train", f"data.path={misshaped_npz(t)}"], 1, "train_images"
+        lambda d, t: ["train", f"data.path={misshaped_npz(t)}"], 2, "train_images"
     ),
     "labels-out-of-range": Case(
         lambda d, t: ["train", f"data.path={bad_labels_npz(t)}"],
-        1,
+        2,
         "labels outside {0,1} in train_labels",
     ),
     "folder-without-classes": Case(
         lambda d, t: ["train", f"data.path={folder_without_classes(t)}"],
-        1,
+        2,
         "NORMAL",
     ),
     "centralized-diverges": Case(

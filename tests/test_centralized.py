@@ -13,6 +13,7 @@ from persistence.models import Run, RunMetric
 from tests.conftest import REAL_DATA, run_cli
 
 
+@pytest.mark.e2e
 def test_train_then_evaluate_reproduces_val(
     db_url: str, tmp_path: Path, data_file: Path
 ) -> None:
@@ -72,6 +73,6 @@ def test_train_with_missing_data_path_fails_cleanly(tmp_path: Path) -> None:
         f"outputs_dir={tmp_path}",
         env={"DATABASE_URL": f"sqlite:///{db}"},
     )
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input (README's exit codes)
     assert result.stderr.strip().splitlines()[-1].startswith("error: data.path")
     assert not db.exists()  # the input is checked before the database is touched

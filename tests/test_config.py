@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from fedpneumo.config import (
-    ConfigError,
+from server_app.compose import (
     config_from_snapshot,
     database_url,
     group_options,
@@ -15,6 +14,7 @@ from fedpneumo.config import (
     snapshot,
     split_overrides,
 )
+from server_app.config import ConfigError
 
 GROUPS = ("data", "model", "train", "partition", "strategy", "db")
 

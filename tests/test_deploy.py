@@ -25,15 +25,15 @@ from sqlalchemy import func, select, text
 from client_app.messages import REPLY_METRICS
 from fedpneumo.deploy import (
     DATABASE_ENV_PREFIXES,
-    NativeDeployment,
     node_config,
     without_database,
 )
-from fedpneumo.launcher import STARTED, descendants, process_alive
-from fedpneumo.pg_server import ThrowawayPostgres
+from fedpneumo.flower import STARTED, descendants, process_alive
 from persistence.db import get_engine, session_scope
 from persistence.models import Client, Run, RunMetric, ServerEvaluation
 from tests.conftest import REPO_ROOT, run_cli
+from tests.deployment import NativeDeployment
+from tests.pg_server import ThrowawayPostgres
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
@@ -288,6 +288,7 @@ def assert_no_database(env: dict[str, str], password: str) -> None:
     assert not [v for v in env.values() if "postgresql" in v or password in v]
 
 
+@pytest.mark.e2e
 def test_deploy_native_topology_relay(
     pg_server: ThrowawayPostgres, data_file: Path, tmp_path: Path
 ) -> None:
@@ -398,7 +399,7 @@ def test_deploy_native_topology_relay(
         client_dir = (
             deployment.outputs_dir(i) / "runs" / str(run_id) / "clients" / f"client-{i}"
         )
-        assert (client_dir / "metrics.json").is_file()
+        assert (client_dir / "metrics.jsonl").is_file()
         assert not (client_dir / "spool").exists()
 
 
@@ -431,6 +432,7 @@ def client_metrics(db: Path) -> tuple[dict[tuple[Any, ...], Any], int, set[Any]]
     return values, int(total or 0), clients
 
 
+@pytest.mark.e2e
 def test_relay_and_direct_produce_the_same_keys(
     tmp_path: Path, data_file: Path
 ) -> None:

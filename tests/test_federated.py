@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, func, select, text
 
-from fedpneumo.config import STRATEGY_CLASSES
 from fedpneumo.launcher import LocalSuperLink
 from persistence.db import get_engine, session_scope
 from persistence.models import Client, Run, RunMetric, ServerEvaluation
+from server_app.config import STRATEGY_CLASSES
 from tests.conftest import run_cli
+from tests.faults import fault_app
+
+# Every test here starts Flower or trains: the e2e tier.
+pytestmark = pytest.mark.e2e
 
 # Each epoch of each client reports these metrics (see the trainer).
 PER_EPOCH = 15
@@ -82,10 +87,9 @@ def test_failing_server_app_marks_the_run_failed(
     tmp_path: Path, data_file: Path
 ) -> None:
     db = f"sqlite:///{tmp_path / 'out' / 'fedpneumo.db'}"
-    result = run_cli(
-        *small_run(data_file, tmp_path),
-        env={"FEDPNEUMO_FAULT_SERVER_ROUND": "1"},
-    )
+    app = fault_app(tmp_path, server_round=1)
+    args = small_run(data_file, tmp_path)
+    result = run_cli(args[0], "--app", str(app), *args[1:])
     assert result.returncode == 1
     assert "injected server fault in round 1" in result.stderr
     with session_scope(get_engine(db)) as s:

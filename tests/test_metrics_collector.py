@@ -164,7 +164,8 @@ def test_files_are_written_without_database(tmp_path: Path) -> None:
     collector.on_train_start()
     collector.on_epoch_end(1, {"train_loss": math.nan, "val_auroc": 0.75})
     collector.on_epoch_end(2, {"train_loss": 0.4, "val_auroc": 0.8})
-    rows = json.loads((tmp_path / "metrics.json").read_text())
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert [(r["epoch"], r["metric_name"]) for r in rows][:2] == [
         (1, "train_loss"),
         (1, "val_auroc"),

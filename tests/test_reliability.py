@@ -14,15 +14,19 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from fedpneumo.launcher import descendants, kill_tree, process_alive
-from fedpneumo.pg_server import ThrowawayPostgres
+from fedpneumo.flower import descendants, kill_tree, process_alive
 from fedpneumo.reports import is_stale
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope, upgrade_database
 from persistence.models import Client, ClientFailure, Run, RunMetric, ServerEvaluation
 from persistence.spool import DurableWriter, MetricBatch
 from tests.conftest import run_cli
+from tests.faults import fault_app
+from tests.pg_server import ThrowawayPostgres
 from tests.test_federated import PER_EPOCH
+
+# Every test here starts Flower or trains: the e2e tier.
+pytestmark = pytest.mark.e2e
 
 SMALL = ("model.width=8", "simulation.num_supernodes=3")
 
@@ -202,12 +206,13 @@ def test_failing_client_is_recorded_and_the_run_completes(
     out = tmp_path / "out"
     result = run_cli(
         "run",
+        "--app",
+        str(fault_app(tmp_path, clients=[(1, 2)])),
         f"data.path={data_file}",
         "data.limit=300",
         *SMALL,
         "num_rounds=3",
         f"outputs_dir={out}",
-        env={"FEDPNEUMO_FAULT_CLIENT_ROUND": "1:2"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     url = f"sqlite:///{out / 'fedpneumo.db'}"
@@ -232,13 +237,14 @@ def test_too_few_replies_fail_the_run_with_the_reason(
     out = tmp_path / "out"
     result = run_cli(
         "run",
+        "--app",
+        str(fault_app(tmp_path, clients=[(2, 1)])),
         f"data.path={data_file}",
         "data.limit=300",
         *SMALL,
         "num_rounds=2",
         "strategy.min_success_fraction=1.0",
         f"outputs_dir={out}",
-        env={"FEDPNEUMO_FAULT_CLIENT_ROUND": "2:1"},
     )
     assert result.returncode == 1
     with session_scope(get_engine(f"sqlite:///{out / 'fedpneumo.db'}")) as s:

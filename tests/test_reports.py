@@ -162,6 +162,7 @@ def argmax(values: dict[int, float | None]) -> int:
     return max((k for k, v in values.items() if v is not None), key=lambda k: values[k])
 
 
+@pytest.mark.e2e
 def test_list_shows_status_progress_and_best_val_auroc(tracked: Tracked) -> None:
     result = runs_cmd(tracked.url, "list")
     assert result.returncode == 0, result.stderr
@@ -204,6 +205,7 @@ def test_list_shows_status_progress_and_best_val_auroc(tracked: Tracked) -> None
     assert [r[0] for r in table_rows(only.stdout)] == [str(tracked.central)]
 
 
+@pytest.mark.e2e
 def test_show_federated_run(tracked: Tracked) -> None:
     result = runs_cmd(tracked.url, "show", str(tracked.federated))
     assert result.returncode == 0, result.stderr
@@ -269,6 +271,7 @@ def test_show_federated_run(tracked: Tracked) -> None:
     assert "client failures: 0" in result.stdout
 
 
+@pytest.mark.e2e
 def test_show_centralized_run(tracked: Tracked) -> None:
     result = runs_cmd(tracked.url, "show", str(tracked.central))
     assert result.returncode == 0, result.stderr
@@ -296,6 +299,7 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@pytest.mark.e2e
 def test_compare_best_final_and_config_differences(tracked: Tracked) -> None:
     ids = (tracked.central, tracked.federated)
     result = runs_cmd(tracked.url, "compare", *map(str, ids))
@@ -326,6 +330,7 @@ def test_compare_best_final_and_config_differences(tracked: Tracked) -> None:
     assert "seed" not in shown and "model.width" not in shown
 
 
+@pytest.mark.e2e
 def test_plot_writes_a_fixed_size_png(tracked: Tracked, tmp_path: Path) -> None:
     both = tmp_path / "both.png"
     result = runs_cmd(
@@ -357,6 +362,7 @@ def columns(row: Base) -> dict[str, Any]:
     return {c.key: getattr(row, c.key) for c in row.__table__.columns}
 
 
+@pytest.mark.e2e
 def test_export_json_round_trips(tracked: Tracked, tmp_path: Path) -> None:
     for run_id in (tracked.central, tracked.federated):
         out = tmp_path / f"run{run_id}.json"
@@ -397,6 +403,7 @@ def parse_cell(cell: str, like: Any) -> Any:
     return type(like)(cell)
 
 
+@pytest.mark.e2e
 def test_export_csv_round_trips(tracked: Tracked, tmp_path: Path) -> None:
     for run_id in (tracked.central, tracked.federated):
         out = tmp_path / f"run{run_id}.csv"
@@ -434,12 +441,13 @@ def test_export_csv_round_trips(tracked: Tracked, tmp_path: Path) -> None:
     ],
     ids=["show", "compare", "plot", "export"],
 )
+@pytest.mark.e2e
 def test_missing_run_is_one_clear_line(
     tracked: Tracked, tmp_path: Path, args: tuple[str, ...]
 ) -> None:
     args = tuple(a.format(central=tracked.central, tmp=tmp_path) for a in args)
     result = runs_cmd(tracked.url, *args)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a bad argument (README's exit codes)
     assert result.stderr.strip() == "error: run 999 does not exist"
     assert list(tmp_path.iterdir()) == []
 

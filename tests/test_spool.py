@@ -9,11 +9,11 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from fedpneumo.pg_server import ThrowawayPostgres
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope, upgrade_database
 from persistence.models import RunMetric
 from persistence.spool import DurableWriter, MetricBatch, sync
+from tests.pg_server import ThrowawayPostgres
 
 
 def _batch(run_id: int, step: int, recorded_at: str | None = None) -> dict:

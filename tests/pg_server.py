@@ -7,7 +7,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import psycopg2
 from psycopg2 import sql
+
+from fedpneumo.flower import free_port
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,6 @@ def find_pg_bin() -> Path:
         "PostgreSQL server binaries (initdb, pg_ctl) not found; install "
         "postgresql or set PG_BIN to their folder"
     )
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ThrowawayPostgres:

@@ -1,0 +1,228 @@
+"""Flower's processes and CLI, driven from Python.
+
+The helpers every entry point shares: the environment Flower processes get,
+the connection file, the health check, and the one loop that follows a
+``flwr run --stream`` to its end and asks Flower how the run finished
+(``flwr run`` itself exits 0 when a run fails).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+APP_DIR = Path(__file__).resolve().parents[1]
+STARTED = re.compile(r"Successfully started run (\d+)")
+READY_TIMEOUT_S = 60.0
+
+
+@dataclass
+class FlowerOutcome:
+    """How Flower saw a run end."""
+
+    flwr_run_id: int | None
+    status: str
+    details: str
+    returncode: int
+
+    @property
+    def completed(self) -> bool:
+        """Whether Flower reports the run as completed."""
+        return self.status == "finished:completed"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def flower_bin(name: str) -> str:
+    """Return a console script of this environment (the venv's, not PATH's)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def flower_env(env: Mapping[str, str], home: Path) -> dict[str, str]:
+    """Return an environment for Flower processes: own home, no runtime installs."""
+    return {
+        **env,
+        "FLWR_HOME": str(home),
+        # The app runs in this environment; never `uv sync` at run time.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Flower finds flower-superexec, flwr-simulation, ... on PATH.
+        "PATH": os.pathsep.join(
+            [str(Path(sys.executable).parent), env.get("PATH", os.defpath)]
+        ),
+    }
+
+
+def toml_string(value: str) -> str:
+    """Quote a string as a TOML basic string (JSON escapes are valid TOML)."""
+    return json.dumps(value)
+
+
+def write_connection(home: Path, name: str, address: str) -> None:
+    """Write a Flower ``config.toml`` whose default connection is ``address``."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n'
+        f'[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+    )
+
+
+def wait_healthy(
+    address: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    timeout_s: float = READY_TIMEOUT_S,
+    logfile: Path | None = None,
+) -> None:
+    """Block until a SuperLink answers ``/health`` (or its process exits)."""
+    url = f"http://{address}/health"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = logfile.read_text()[-2000:] if logfile and logfile.exists() else ""
+            raise RuntimeError(f"flower-superlink exited early: {tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no SuperLink answered on {url}")
+        time.sleep(0.2)
+
+
+def flower_status(
+    env: Mapping[str, str], connection: str, run_id: int, cwd: Path | None = None
+) -> tuple[str, str]:
+    """Return Flower's (status, details) of a run, e.g. ``finished:completed``."""
+    result = subprocess.run(
+        [flower_bin("flwr"), "ls", connection, "--run-id", str(run_id)]
+        + ["--format", "json"],
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        run = json.loads(result.stdout)["runs"][0]
+        return run["status"], run.get("status-details", "")
+    except (ValueError, KeyError, IndexError):
+        return "unknown", result.stdout.strip()[-500:]
+
+
+def run_args(
+    app_dir: Path, connection: str, run_config: Mapping[str, str | int]
+) -> list[str]:
+    """Return ``flwr run APP CONNECTION --stream`` with TOML-quoted run config."""
+    args = [flower_bin("flwr"), "run", str(app_dir), connection, "--stream"]
+    for key, value in run_config.items():
+        quoted = toml_string(value) if isinstance(value, str) else str(value)
+        args += ["--run-config", f"{key}={quoted}"]
+    return args
+
+
+def stream_run(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    connection: str,
+    on_line: Callable[[str], None],
+    on_started: Callable[[int], None] | None = None,
+    cwd: Path | None = None,
+) -> FlowerOutcome:
+    """Run ``flwr run --stream`` to its end and return Flower's verdict."""
+    proc = subprocess.Popen(
+        list(args),
+        env=dict(env),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    try:
+        run_id: int | None = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if run_id is None and (match := STARTED.search(line)):
+                run_id = int(match.group(1))
+                if on_started is not None:
+                    on_started(run_id)
+            on_line(line.rstrip("\n"))
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: do not leave the CLI behind
+            kill_tree(proc.pid)
+    if run_id is None:
+        return FlowerOutcome(None, "not-started", "flwr run failed", returncode)
+    status, details = flower_status(env, connection, run_id, cwd)
+    return FlowerOutcome(run_id, status, details, returncode)
+
+
+def descendants(pid: int) -> list[int]:
+    """Return all descendant process ids of pid, deepest last."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def process_alive(pid: int) -> bool:
+    """Return True if a process exists and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_tree(pid: int, grace_s: float = 5.0) -> None:
+    """Terminate a process and all its descendants; SIGKILL what lingers.
+
+    Descendants are collected first: Flower's SuperExec and Ray's workers run
+    in sessions of their own, so a process-group kill would miss them. The
+    call returns only once every victim has exited (or is a zombie), so
+    callers (resume, stale-run checks) never see a process about to vanish.
+    """
+    try:
+        root = psutil.Process(pid)
+        victims = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for send in (psutil.Process.terminate, psutil.Process.kill):
+        for victim in victims:
+            try:
+                send(victim)
+            except psutil.NoSuchProcess:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(
+            process_alive(v.pid) for v in victims
+        ):
+            time.sleep(0.1)
+    for victim in victims:  # reap our own children
+        try:
+            os.waitpid(victim.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass

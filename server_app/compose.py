@@ -1,0 +1,198 @@
+"""Compose ``conf/`` with overrides into the typed ``AppConfig``, once.
+
+Overrides are checked against the schema before Hydra sees them, so an unknown
+key or group option is reported in our words (naming the valid ones), and type
+errors come from OmegaConf's structured-config checks with the key they hit.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import asdict, fields, is_dataclass, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from persistence.db import mask_url, resolve_database_url
+from server_app.config import (
+    AppConfig,
+    Backend,
+    ConfigError,
+    register_schema,
+    validate,
+)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_NAME = "config"
+
+
+def split_overrides(overrides: str | Sequence[str]) -> list[str]:
+    """Split a run-config overrides string (shell quoting rules) into a list."""
+    if isinstance(overrides, str):
+        try:
+            return shlex.split(overrides)
+        except ValueError as exc:
+            raise ConfigError(f"cannot parse overrides {overrides!r}: {exc}") from None
+    return list(overrides)
+
+
+def group_options(group: str) -> list[str]:
+    """Return the option names of a config group (its YAML files)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _node_at(path: str) -> Any:
+    """Return the schema node at a dotted path (a dataclass, a dict or a value)."""
+    node: Any = AppConfig()
+    for part in [p for p in path.split(".") if p]:
+        if isinstance(node, dict):
+            return {}
+        node = getattr(node, part, None) if is_dataclass(node) else None
+    return node
+
+
+def _check_key(key: str) -> None:
+    """Raise for a key the schema does not have (free-form dicts accept any)."""
+    parent, _, name = key.rpartition(".")
+    node = _node_at(parent)
+    if isinstance(node, dict):
+        return
+    valid = [f.name for f in fields(node)] if is_dataclass(node) else []
+    if name not in valid:
+        where = f" under {parent}" if parent else ""
+        hint = f"; valid keys{where}: " + ", ".join(valid) if valid else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def check_overrides(items: Sequence[str]) -> None:
+    """Check override keys and group options before Hydra composes them."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(items))
+    except OverrideParseException as exc:
+        raise ConfigError(f"cannot parse overrides {list(items)}: {exc}") from None
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete():
+            continue
+        if (CONF_DIR / key).is_dir():
+            value = override.value()
+            options = group_options(key)
+            if value not in options:
+                raise ConfigError(
+                    f"{key}={value!r} is not a valid option; choose one of: "
+                    + ", ".join(options)
+                )
+            continue
+        _check_key(key)
+
+
+def explain(exc: OmegaConfBaseException) -> ConfigError:
+    """Turn an OmegaConf error into one line naming the key and what is valid."""
+    key = str(getattr(exc, "full_key", "") or "")
+    node = _node_at(key)
+    if isinstance(node, Enum):
+        value = getattr(exc, "value", None)
+        return ConfigError(
+            f"{key}={value!r} is invalid; choose one of: "
+            + ", ".join(m.value for m in type(node))
+        )
+    text = str(exc).strip().splitlines()[0]
+    return ConfigError(f"{key}: {text}" if key else text)
+
+
+def compose_config(overrides: str | Sequence[str] = ()) -> Any:
+    """Compose ``conf/config.yaml`` with overrides into a typed DictConfig."""
+    items = split_overrides(overrides)
+    check_overrides(items)
+    register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return compose(config_name=CONFIG_NAME, overrides=items)
+    except ConfigCompositionException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OmegaConfBaseException):
+            raise explain(cause) from None
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
+    except OmegaConfBaseException as exc:
+        raise explain(exc) from None
+
+
+def to_app_config(values: Any) -> AppConfig:
+    """Merge values into the typed schema and validate them."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(AppConfig), values)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise explain(exc) from None
+    assert isinstance(cfg, AppConfig)
+    validate(cfg)
+    return cfg
+
+
+def load_config(overrides: str | Sequence[str] = ()) -> AppConfig:
+    """Compose, type-check and validate the configuration.
+
+    Raises:
+        ConfigError: an unknown key, a bad group option or a bad value, in one
+            line naming the key and what is valid.
+    """
+    return to_app_config(compose_config(overrides))
+
+
+def resolve_paths(cfg: AppConfig, base: Path | None = None) -> AppConfig:
+    """Return the config with outputs_dir, data.path and sqlite_path made absolute."""
+    base = base or Path.cwd()
+
+    def absolute(path: str) -> str:
+        return str((base / Path(path).expanduser()).resolve())
+
+    data_path = cfg.data.path
+    if data_path and data_path != "synthetic":
+        data_path = absolute(data_path)
+    return replace(
+        cfg,
+        outputs_dir=absolute(cfg.outputs_dir),
+        data=replace(cfg.data, path=data_path),
+        db=replace(cfg.db, sqlite_path=absolute(cfg.db.sqlite_path)),
+    )
+
+
+def database_url(cfg: AppConfig) -> str:
+    """Return the tracking database URL: db.url, else $DATABASE_URL, else SQLite."""
+    url = resolve_database_url(cfg.db.url, cfg.db.sqlite_path)
+    if cfg.db.require_backend == Backend.postgresql and not url.startswith(
+        "postgresql"
+    ):
+        raise ConfigError(
+            "db=postgres needs a PostgreSQL URL: set DATABASE_URL (or db.url) to "
+            "postgresql://user:password@host:5432/database"
+        )
+    return url
+
+
+def config_from_snapshot(data: dict[str, Any], current: AppConfig) -> AppConfig:
+    """Rebuild a run's config from its stored snapshot (for resume).
+
+    The database section comes from ``current``: the snapshot's URL is masked.
+    """
+    known = {k: v for k, v in data.items() if k in AppConfig.__dataclass_fields__}
+    known.pop("db", None)
+    cfg = to_app_config(known)
+    cfg.db = current.db
+    return cfg
+
+
+def snapshot(cfg: AppConfig, **extra: Any) -> dict[str, Any]:
+    """Return the config as a JSON-able dict with secrets removed."""
+    data = asdict(cfg)
+    if data["db"]["url"]:
+        data["db"]["url"] = mask_url(data["db"]["url"])
+    data.update(extra)
+    return data

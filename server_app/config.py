@@ -1,0 +1,350 @@
+"""The typed experiment configuration: Hydra structured configs.
+
+The dataclasses below are registered in Hydra's ConfigStore as the schema of
+``conf/config.yaml``: Hydra and OmegaConf check types and Enum choices while
+composing. Value ranges are declared next to each key (``bounded``) and checked
+by one generic walk; only rules that relate several keys are written by hand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import StrEnum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from persistence.errors import InputError
+
+SCHEMA_NAME = "fedpneumo_schema"
+
+
+class ConfigError(InputError):
+    """A configuration problem, reported in one line naming the key."""
+
+
+class StrategyName(StrEnum):
+    """Flower strategies, by config name."""
+
+    fedavg = "fedavg"
+    fedprox = "fedprox"
+    fedadam = "fedadam"
+    fedyogi = "fedyogi"
+    fedadagrad = "fedadagrad"
+    fedavgm = "fedavgm"
+    fedmedian = "fedmedian"
+    fedtrimmedavg = "fedtrimmedavg"
+    krum = "krum"
+    multikrum = "multikrum"
+    bulyan = "bulyan"
+
+
+# Flower's own strategy classes (flwr.serverapp.strategy), by config name.
+STRATEGY_CLASSES = {
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedadam": "FedAdam",
+    "fedyogi": "FedYogi",
+    "fedadagrad": "FedAdagrad",
+    "fedavgm": "FedAvgM",
+    "fedmedian": "FedMedian",
+    "fedtrimmedavg": "FedTrimmedAvg",
+    "krum": "Krum",
+    "multikrum": "MultiKrum",
+    "bulyan": "Bulyan",
+}
+
+
+class PartitionName(StrEnum):
+    """How the training split is divided among hospitals."""
+
+    iid = "iid"
+    dirichlet = "dirichlet"
+    pathological = "pathological"
+
+
+class ModelName(StrEnum):
+    """Networks the trainer can build."""
+
+    cnn = "cnn"
+    resnet18 = "resnet18"
+
+
+class Norm(StrEnum):
+    """Normalisation layers of the networks."""
+
+    batch = "batch"
+    group = "group"
+    none = "none"
+
+
+class Optimizer(StrEnum):
+    """Local optimisers."""
+
+    adam = "adam"
+    sgd = "sgd"
+
+
+class LrSchedule(StrEnum):
+    """Learning-rate schedules (per epoch, or per round in federated runs)."""
+
+    constant = "constant"
+    cosine = "cosine"
+
+
+class Device(StrEnum):
+    """Where tensors live; auto picks CUDA when present."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ClientWrites(StrEnum):
+    """How clients' metric rows reach the database."""
+
+    direct = "direct"
+    relay = "relay"
+
+
+class Backend(StrEnum):
+    """Database backends a config may require."""
+
+    sqlite = "sqlite"
+    postgresql = "postgresql"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric key; ``None`` means unbounded."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def holds(self, value: float) -> bool:
+        """Return whether value lies in the range."""
+        return not (
+            (self.gt is not None and value <= self.gt)
+            or (self.ge is not None and value < self.ge)
+            or (self.lt is not None and value >= self.lt)
+            or (self.le is not None and value > self.le)
+        )
+
+    def describe(self) -> str:
+        """Return the range as ``> 0``, ``>= 1`` or ``in (0, 1]``."""
+        low = ("(", self.gt) if self.gt is not None else ("[", self.ge)
+        high = (")", self.lt) if self.lt is not None else ("]", self.le)
+        if low[1] is not None and high[1] is not None:
+            return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+        if low[1] is not None:
+            return f"{'>' if self.gt is not None else '>='} {low[1]:g}"
+        return f"{'<' if self.lt is not None else '<='} {high[1]:g}"
+
+
+def bounded(default: Any, **bounds: float) -> Any:
+    """Declare a dataclass field with a default and an allowed range."""
+    return field(default=default, metadata={"bounds": Bounds(**bounds)})
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are prepared."""
+
+    path: str | None = None
+    limit: int | None = bounded(None, ge=1)
+    image_size: int = bounded(28, ge=8)
+    augment: bool = True
+    client_val_fraction: float = bounded(0.1, gt=0, lt=1)
+
+
+@dataclass
+class ModelConfig:
+    """Which network to train."""
+
+    name: ModelName = ModelName.cnn
+    width: int = bounded(32, ge=1)
+    dropout: float = bounded(0.2, ge=0, lt=1)
+    norm: Norm = Norm.batch
+
+
+@dataclass
+class TrainConfig:
+    """Local optimisation settings, shared by clients and centralized training."""
+
+    epochs: int = bounded(10, ge=1)
+    local_epochs: int = bounded(1, ge=1)
+    batch_size: int = bounded(64, ge=1)
+    lr: float = bounded(1e-3, gt=0)
+    lr_schedule: LrSchedule = LrSchedule.constant
+    optimizer: Optimizer = Optimizer.adam
+    weight_decay: float = bounded(0.0, ge=0)
+    class_weighting: bool = True
+    device: Device = Device.auto
+
+
+@dataclass
+class PartitionConfig:
+    """How the training split is divided among simulated hospitals."""
+
+    name: PartitionName = PartitionName.dirichlet
+    alpha: float = bounded(0.5, gt=0)
+    # There are 2 classes.
+    classes_per_client: int = bounded(1, ge=1, le=2)
+    min_partition_size: int = bounded(10, ge=1)
+    # Seed of the partition draw alone; null = the run's seed.
+    seed: int | None = bounded(None, ge=0)
+
+
+@dataclass
+class StrategyConfig:
+    """A Flower strategy and its constructor arguments."""
+
+    name: StrategyName = StrategyName.fedavg
+    fraction_train: float = bounded(1.0, gt=0, le=1)
+    # A round fails the run when fewer of the sampled clients reply.
+    min_success_fraction: float = bounded(0.5, gt=0, le=1)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DbConfig:
+    """Tracking database; the URL is db.url, else $DATABASE_URL, else SQLite."""
+
+    url: str | None = None
+    sqlite_path: str = "outputs/fedpneumo.db"
+    require_backend: Backend | None = None
+
+
+@dataclass
+class SimulationConfig:
+    """Size and resources of the simulated federation."""
+
+    num_supernodes: int = bounded(10, ge=1)
+    client_num_cpus: int = bounded(1, ge=1)
+    client_num_gpus: float = bounded(0.0, ge=0)
+    num_cpus: int | None = bounded(None, ge=1)
+
+
+@dataclass
+class TrackingConfig:
+    """How metrics reach the database."""
+
+    client_writes: ClientWrites = ClientWrites.direct
+    enable_db: bool = True
+    stale_after_s: float = bounded(900.0, gt=0)
+
+
+@dataclass
+class AppConfig:
+    """The whole, validated experiment configuration."""
+
+    experiment_name: str = "pneumonia"
+    seed: int = bounded(42, ge=0)
+    num_rounds: int = bounded(5, ge=1)
+    outputs_dir: str = "outputs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    db: DbConfig = field(default_factory=DbConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register_schema() -> None:
+    """Register ``AppConfig`` as the schema ``conf/config.yaml`` starts from."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=AppConfig)
+
+
+def _invalid(key: str, value: Any, valid: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is invalid; {valid}")
+
+
+def check_values(node: Any, prefix: str = "") -> None:
+    """Check every key's declared range, and that every float is finite."""
+    for f in fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        if is_dataclass(value):
+            check_values(value, key + ".")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _invalid(key, value, "it must be a finite number")
+        bounds: Bounds | None = f.metadata.get("bounds")
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if bounds is None or not numeric:
+            continue
+        if not bounds.holds(value):
+            optional = f.default is None
+            raise _invalid(
+                key,
+                value,
+                f"use null or {bounds.describe()}"
+                if optional
+                else f"it must be {bounds.describe()}",
+            )
+
+
+def strategy_class(name: str) -> type:
+    """Return Flower's strategy class for a config name."""
+    module = importlib.import_module("flwr.serverapp.strategy")
+    return getattr(module, STRATEGY_CLASSES[name])
+
+
+# Set by the strategy factory itself, or meaningless for ours: not user params.
+MANAGED_STRATEGY_ARGS = {
+    "self",
+    "fraction_train",
+    "fraction_evaluate",
+    "min_train_nodes",
+    "min_evaluate_nodes",
+    "min_available_nodes",
+    "weighted_by_key",
+    "arrayrecord_key",
+    "configrecord_key",
+    "train_metrics_aggr_fn",
+    "evaluate_metrics_aggr_fn",
+}
+
+
+def check_rules(cfg: AppConfig) -> None:
+    """Check the rules that relate several keys, or a key to Flower's classes."""
+    if not cfg.experiment_name.strip():
+        raise _invalid(
+            "experiment_name", cfg.experiment_name, "it must be a non-empty name"
+        )
+    cls = strategy_class(cfg.strategy.name)
+    accepted = set(inspect.signature(cls.__init__).parameters) - MANAGED_STRATEGY_ARGS
+    for key, value in cfg.strategy.params.items():
+        if key not in accepted:
+            raise _invalid(
+                f"strategy.params.{key}",
+                value,
+                f"{cls.__name__} accepts: " + ", ".join(sorted(accepted)),
+            )
+
+
+def validate(cfg: AppConfig) -> None:
+    """Check value ranges and the cross-key rules that types cannot express."""
+    check_values(cfg)
+    check_rules(cfg)
+
+
+def partition_seed(cfg: AppConfig) -> int:
+    """Return the seed of the partition draw: partition.seed, else the run's seed."""
+    return cfg.seed if cfg.partition.seed is None else cfg.partition.seed
+
+
+def partition_label(cfg: AppConfig) -> str:
+    """Return the partition as the runs table shows it, e.g. dirichlet(alpha=0.5)."""
+    p = cfg.partition
+    if p.name == PartitionName.dirichlet:
+        return f"dirichlet(alpha={p.alpha:g})"
+    if p.name == PartitionName.pathological:
+        return f"pathological(classes={p.classes_per_client})"
+    return "iid"

@@ -1,0 +1,65 @@
+"""The Run row of a federated session: open it, or reopen it for a resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from sqlalchemy.orm import Session
+
+from persistence import repositories as repo
+from persistence.db import get_engine, session_scope
+from persistence.models import Run, RunStatus
+from server_app.compose import config_from_snapshot, snapshot
+from server_app.config import AppConfig, ConfigError, partition_label
+from server_app.evaluate import ROUND_STATE, load_round_state
+
+
+def open_run(cfg: AppConfig, url: str, context: Context, extra: dict[str, Any]) -> int:
+    """Create the session's one Run row (``in_progress``) and return its id."""
+    with session_scope(get_engine(url)) as db:
+        experiment = repo.get_or_create_experiment(db, name=cfg.experiment_name)
+        run = repo.create_run(
+            db,
+            experiment_id=experiment.id,
+            training_mode="federated",
+            strategy=str(cfg.strategy.name),
+            partition=partition_label(cfg),
+            seed=cfg.seed,
+            num_rounds=cfg.num_rounds,
+            config=snapshot(cfg, **extra),
+            flwr_run_id=str(context.run_id),
+        )
+        run.outputs_path = str(Path(cfg.outputs_dir) / "runs" / str(run.id))
+        return run.id
+
+
+def resumable_run(db: Session, run_id: int) -> Run:
+    """Return a run that can be resumed, or raise naming why it cannot."""
+    run = repo.require_run(db, run_id)
+    if run.training_mode != "federated" or not run.config:
+        raise ConfigError(f"run {run_id} is centralized; only federated runs resume")
+    if run.status == RunStatus.COMPLETED:
+        raise ConfigError(f"run {run_id} is already completed; nothing to resume")
+    return run
+
+
+def resume_state(
+    url: str, run_id: int, current: AppConfig
+) -> tuple[AppConfig, dict[str, Any]]:
+    """Load a run's config and its last round state, and clear the unfinished tail."""
+    with session_scope(get_engine(url)) as db:
+        run = resumable_run(db, run_id)
+        cfg = config_from_snapshot(run.config or {}, current)
+        state_path = Path(run.outputs_path or "") / ROUND_STATE
+        if not state_path.is_file():
+            raise ConfigError(
+                f"run {run_id} has no round checkpoint at {state_path}; it cannot "
+                "be resumed (it failed before its first round completed)"
+            )
+        state = load_round_state(state_path)
+        repo.delete_rounds_after(db, run_id=run_id, round_number=state["round"])
+        repo.reopen_run(db, run_id=run_id)
+        repo.update_run(db, run_id=run_id, rounds_completed=state["round"])
+    return cfg, state
