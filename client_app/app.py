@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -47,13 +48,56 @@ def _direct_url(ins: TrainInstructions) -> str:
     return url
 
 
+def make_collector(
+    ins: TrainInstructions, context: Context, partition_id: int, num_examples: int
+) -> MetricsCollectorCallback:
+    """Attach the collector to the server's run id for this client and round."""
+    client_identifier = f"client-{partition_id}"
+    outputs_dir = str(context.node_config.get("outputs-dir") or ins.outputs_dir)
+    relay = ins.client_writes == "relay"
+    return MetricsCollectorCallback(
+        Path(outputs_dir) / "runs" / str(ins.run_id) / "clients" / client_identifier,
+        run_id=ins.run_id,
+        training_mode="federated",
+        enable_db_persistence=ins.enable_db,
+        database_url=None if relay or not ins.enable_db else _direct_url(ins),
+        client_identifier=client_identifier,
+        round_number=ins.server_round,
+        partition_id=partition_id,
+        node_id=context.node_id,
+        num_examples=num_examples,
+        relay=relay,
+        # A down database must not stall the round: the server replays later.
+        flush_timeout_s=0,
+    )
+
+
+def train_settings(
+    ins: TrainInstructions, partition_id: int, train_labels: np.ndarray, mu: float
+) -> TrainSettings:
+    """Return the trainer's settings for this round on this client."""
+    return TrainSettings(
+        epochs=ins.local_epochs,
+        batch_size=ins.batch_size,
+        lr=ins.lr,
+        optimizer=ins.optimizer,
+        weight_decay=ins.weight_decay,
+        # Weighted by this client's own training labels (never validation's).
+        pos_weight=balanced_pos_weight(train_labels) if ins.class_weighting else None,
+        proximal_mu=mu,
+        augment=ins.augment,
+        device=ins.device,
+        # Distinct, reproducible shuffles per client and round.
+        seed=ins.seed * 100_003 + partition_id * 1_009 + ins.server_round,
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this hospital's partition."""
     ins = TrainInstructions.from_config(msg.content["config"])
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
-    client_identifier = f"client-{partition_id}"
     torch.set_num_threads(max(ins.num_threads, 1))
 
     # A SuperNode may hold its own copy of the data (--node-config data-path=...).
@@ -68,40 +112,9 @@ def train(msg: Message, context: Context) -> Message:
         norm=ins.model_norm,
     )
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-
-    outputs_dir = str(context.node_config.get("outputs-dir") or ins.outputs_dir)
-    relay = ins.client_writes == "relay"
-    database_url = None if relay or not ins.enable_db else _direct_url(ins)
-    collector = MetricsCollectorCallback(
-        Path(outputs_dir) / "runs" / str(ins.run_id) / "clients" / client_identifier,
-        run_id=ins.run_id,
-        training_mode="federated",
-        enable_db_persistence=ins.enable_db,
-        database_url=database_url,
-        client_identifier=client_identifier,
-        round_number=ins.server_round,
-        partition_id=partition_id,
-        node_id=context.node_id,
-        num_examples=len(train_split),
-        relay=relay,
-        # A down database must not stall the round: the server replays later.
-        flush_timeout_s=0,
-    )
-    settings = TrainSettings(
-        epochs=ins.local_epochs,
-        batch_size=ins.batch_size,
-        lr=ins.lr,
-        optimizer=ins.optimizer,
-        weight_decay=ins.weight_decay,
-        pos_weight=balanced_pos_weight(train_split.labels)
-        if ins.class_weighting
-        else None,
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-        augment=ins.augment,
-        device=ins.device,
-        # Distinct, reproducible shuffles per client and round.
-        seed=ins.seed * 100_003 + partition_id * 1_009 + ins.server_round,
-    )
+    collector = make_collector(ins, context, partition_id, len(train_split))
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    settings = train_settings(ins, partition_id, train_split.labels, mu)
     result = fit(model, train_split, val_split, settings, callbacks=[collector])
 
     content = RecordDict(
@@ -112,14 +125,14 @@ def train(msg: Message, context: Context) -> Message:
             ),
             INFO_RECORD: ConfigRecord(
                 {
-                    "client-identifier": client_identifier,
+                    "client-identifier": collector.client_identifier or "",
                     "partition-id": partition_id,
                     "num-examples": len(train_split),
                 }
             ),
         }
     )
-    if relay:
+    if collector.relay:
         points = [p for batch in collector.relay_batches for p in batch.points]
         content[RELAY_RECORD] = ConfigRecord(encode_relay_rows(points))
     return Message(content=content, reply_to=msg)

@@ -5,17 +5,20 @@ import os
 import socket
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
-from torchvision.transforms import v2
 
-from persistence.errors import InputError
+from client_app.splits import (
+    SYNTHETIC,
+    DataError,
+    Split,
+    XrayData,
+    limit_split,
+    make_synthetic,
+    stratified_indices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,61 +28,13 @@ CLASS_DIRS = ("NORMAL", "PNEUMONIA")  # index = label
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 MEDMNIST_FILE = "pneumoniamnist.npz"
 MEDMNIST_SIZES = (28, 64, 128, 224)
-SYNTHETIC = "synthetic"
-PIXEL_MEAN = 0.5
-PIXEL_STD = 0.5
 VAL_FRACTION = 0.1
 VAL_SEED = 0
 DOWNLOAD_TIMEOUT_S = 10.0
-TRANSLATE_FRACTION = 2 / 28  # ±2 px at 28 px, scaled for larger images
 PATH_HINT = (
     "set data.path to a MedMNIST .npz file or a folder with "
     "<split>/NORMAL and <split>/PNEUMONIA"
 )
-
-
-class DataError(InputError):
-    """Report unusable data input with a one-line, actionable message."""
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    """Hold one split: uint8 images (N, H, W) and int64 labels (N,) in {0, 1}."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.images.ndim != 3 or len(self.images) != len(self.labels):
-            raise ValueError(
-                f"Split needs images (N, H, W) and labels (N,), got "
-                f"{self.images.shape} and {self.labels.shape}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices: np.ndarray) -> "Split":
-        """Return the samples at ``indices`` as a new split."""
-        return Split(self.images[indices], self.labels[indices])
-
-
-@dataclass(frozen=True, eq=False)
-class XrayData:
-    """Hold the splits of one data source and where they came from."""
-
-    splits: dict[str, Split]
-    source: str
-    synthetic: bool = False
-
-    def split(self, name: str) -> Split:
-        """Return split ``name`` or raise a DataError listing the available ones."""
-        if name not in self.splits:
-            raise DataError(
-                f"split '{name}' is not in {self.source}; available splits: "
-                f"{', '.join(self.splits)}"
-            )
-        return self.splits[name]
 
 
 def load_npz(path: Path, image_size: int = 28) -> XrayData:
@@ -248,7 +203,7 @@ def _carve_val(train: Split, path: Path) -> tuple[Split, Split]:
             f"'{path}' has no val/ folder and too few train images to carve one"
         )
     n_val = max(1, round(VAL_FRACTION * len(train)))
-    val_idx = _stratified_indices(train.labels, n_val, VAL_SEED)
+    val_idx = stratified_indices(train.labels, n_val, VAL_SEED)
     train_idx = np.setdiff1d(np.arange(len(train)), val_idx)
     logger.info(
         "No val/ folder in %s: holding out %d of %d train images (stratified, "
@@ -259,60 +214,6 @@ def _carve_val(train: Split, path: Path) -> tuple[Split, Split]:
         VAL_SEED,
     )
     return train.subset(train_idx), train.subset(val_idx)
-
-
-def _stratified_indices(labels: np.ndarray, n_take: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = n_take * counts / counts.sum()
-    quota = np.floor(exact).astype(int)
-    # Largest-remainder rounding keeps the total at n_take and the ratio closest
-    leftover = n_take - quota.sum()
-    quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
-    picked = [
-        rng.permutation(np.flatnonzero(labels == cls))[:q]
-        for cls, q in zip(classes, quota, strict=True)
-    ]
-    return np.sort(np.concatenate(picked))
-
-
-def limit_split(split: Split, limit: int | None, seed: int) -> Split:
-    """Cap a split at ``limit`` samples, keeping the class ratio; None keeps all."""
-    if limit is None or limit >= len(split):
-        return split
-    if limit < 1:
-        raise DataError(f"sample limit {limit} must be a positive integer or null")
-    return split.subset(_stratified_indices(split.labels, limit, seed))
-
-
-def make_synthetic(
-    n_train: int = 400,
-    n_val: int = 100,
-    n_test: int = 0,
-    image_size: int = 28,
-    seed: int = 0,
-) -> XrayData:
-    """Make learnable toy X-rays: pneumonia (~70 %) adds a bright blurred blob."""
-    sizes = {"train": n_train, "val": n_val, "test": n_test}
-    splits = {
-        name: _synthetic_split(n, image_size, np.random.default_rng([seed, i]))
-        for i, (name, n) in enumerate(sizes.items())
-        if n > 0
-    }
-    return XrayData(splits=splits, source=SYNTHETIC, synthetic=True)
-
-
-def _synthetic_split(n: int, size: int, rng: np.random.Generator) -> Split:
-    labels = (rng.permutation(n) < round(0.7 * n)).astype(np.int64)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    cx, cy = (rng.uniform(0.3, 0.7, (2, n, 1, 1)) * size).astype(np.float32)
-    radius = (rng.uniform(0.08, 0.18, (n, 1, 1)) * size).astype(np.float32)
-    amplitude = labels[:, None, None] * rng.uniform(50, 110, (n, 1, 1))
-    blob = amplitude * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * radius**2))
-    base = 80 + 30 * np.cos(np.pi * (xx / size - 0.5))  # darker at the edges
-    noise = rng.normal(0, 25, (n, size, size))
-    images = np.clip(base + blob + noise, 0, 255).astype(np.uint8)
-    return Split(images, labels)
 
 
 def medmnist_root() -> Path:
@@ -413,51 +314,3 @@ def _download_medmnist(root: Path, image_size: int) -> Path:
     finally:
         socket.setdefaulttimeout(previous)
     return target
-
-
-class XrayTorchDataset(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Serve (image (1, H, W) float normalised, label float scalar) pairs."""
-
-    def __init__(self, split: Split, augment: bool = False, hflip: bool = False):
-        self.images = torch.from_numpy(split.images).unsqueeze(1)  # (N, 1, H, W) u8
-        self.labels = torch.from_numpy(split.labels).float()
-        self.transform = _augmentation(hflip) if augment else None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        image = (image.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
-        return image, self.labels[index]
-
-
-def _augmentation(hflip: bool) -> v2.Transform:
-    affine = v2.RandomAffine(
-        degrees=10,
-        translate=(TRANSLATE_FRACTION, TRANSLATE_FRACTION),
-        scale=(0.9, 1.1),
-        interpolation=v2.InterpolationMode.BILINEAR,
-    )
-    # Off by default: the heart sits on the left, so flips make implausible X-rays
-    return v2.Compose([affine, v2.RandomHorizontalFlip()]) if hflip else affine
-
-
-def make_loader(
-    split: Split,
-    batch_size: int,
-    shuffle: bool = False,
-    augment: bool = False,
-    seed: int = 0,
-) -> DataLoader:
-    """Build a single-process DataLoader whose shuffle order is seeded."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        XrayTorchDataset(split, augment=augment),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=0,
-        generator=generator,
-    )

@@ -23,6 +23,7 @@ from client_app.trainer import Callback
 from persistence import repositories as repo
 from persistence.db import default_database_url, get_engine, session_scope
 from persistence.errors import FailedRunError
+from persistence.models import RunStatus
 from persistence.repositories import MetricPoint
 from persistence.spool import SPOOL_DIRNAME, DurableWriter, MetricBatch, is_transient
 
@@ -177,7 +178,9 @@ class MetricsCollectorCallback(Callback):
             self._record(step, {k: v for k, v in numeric.items() if k != "best_epoch"})
         self.persist_to_database()
         if self._owns_run:
-            self._close_run("completed", checkpoint=summary.get("checkpoint_path"))
+            self._close_run(
+                RunStatus.COMPLETED, checkpoint=summary.get("checkpoint_path")
+            )
 
     def on_train_error(self, exc: BaseException) -> None:
         """Flush what was measured and mark an owned run failed with the reason."""
@@ -188,7 +191,7 @@ class MetricsCollectorCallback(Callback):
         finally:
             if self._owns_run:
                 reason = f"{type(exc).__name__}: {exc}".strip()
-                self._close_run("failed", error=reason)
+                self._close_run(RunStatus.FAILED, error=reason)
 
     def _close_run(
         self, status: str, *, error: str | None = None, checkpoint: Any = None

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from client_app.data import Split, make_loader
+from client_app.data import Split
+from client_app.loaders import make_loader
 from client_app.metrics import binary_metrics, youden_threshold
 from persistence.errors import FailedRunError
 
@@ -215,6 +216,9 @@ def fit(
     callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Train a model, reporting each epoch to the callbacks.
+
+    This is the local training loop, kept in one function on purpose (it is
+    the one place that reads top to bottom as an epoch does).
 
     With ``select_best`` the weights of the epoch with the best val AUROC are
     restored, its val threshold (Youden's J) is kept, and the model is saved to

@@ -46,19 +46,13 @@ class CentralizedResult:
     data: XrayData
 
 
-def run_centralized(cfg: AppConfig) -> CentralizedResult:
-    """Train on the train split, select on val, record one centralized run."""
-    # Validate the input before touching the database: bad data leaves no trace.
-    data = configured_data(cfg, allow_synthetic_fallback=True)
-    url = database_url(cfg)
-    upgrade_database(url)
-    train, val = data.split("train"), data.split("val")
-    test = data.splits.get("test")
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
-    save_dir = Path(cfg.outputs_dir) / "centralized" / stamp
+def centralized_collector(
+    cfg: AppConfig, url: str, save_dir: Path, data: XrayData
+) -> MetricsCollectorCallback:
+    """Return a collector that creates the centralized Run in the experiment."""
     with session_scope(get_engine(url)) as db:
         experiment_id = repo.get_or_create_experiment(db, name=cfg.experiment_name).id
-    collector = MetricsCollectorCallback(
+    return MetricsCollectorCallback(
         save_dir,
         experiment_name=cfg.experiment_name,
         experiment_id=experiment_id,
@@ -71,6 +65,19 @@ def run_centralized(cfg: AppConfig) -> CentralizedResult:
             "config": snapshot(cfg, synthetic=data.synthetic, data_source=data.source),
         },
     )
+
+
+def run_centralized(cfg: AppConfig) -> CentralizedResult:
+    """Train on the train split, select on val, record one centralized run."""
+    # Validate the input before touching the database: bad data leaves no trace.
+    data = configured_data(cfg, allow_synthetic_fallback=True)
+    url = database_url(cfg)
+    upgrade_database(url)
+    train, val = data.split("train"), data.split("val")
+    test = data.splits.get("test")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+    save_dir = Path(cfg.outputs_dir) / "centralized" / stamp
+    collector = centralized_collector(cfg, url, save_dir, data)
     settings = train_settings(
         cfg,
         pos_weight=balanced_pos_weight(train.labels)

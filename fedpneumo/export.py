@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from persistence.errors import RunNotFoundError
 from persistence.models import (
     Base,
     Client,
@@ -20,7 +21,6 @@ from persistence.models import (
     RunMetric,
     ServerEvaluation,
 )
-from persistence.repositories import RunNotFoundError
 
 # Table name -> model, in the order an export lists them.
 EXPORT_TABLES: dict[str, type[Base]] = {

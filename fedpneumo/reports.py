@@ -8,38 +8,27 @@ from __future__ import annotations
 
 import math
 import socket
-import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import Engine, create_engine, inspect, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fedpneumo.export import row_dict
 from fedpneumo.flower import process_alive
-from persistence.db import (
-    DatabaseError,
-    backend_of,
-    describe_error,
-    mask_url,
-    normalize_url,
-)
+from persistence.errors import RunNotFoundError
 from persistence.models import (
     Client,
     ClientFailure,
     Experiment,
     Run,
     RunMetric,
+    RunStatus,
     ServerEvaluation,
 )
-from persistence.repositories import RunNotFoundError
 
 DEFAULT_STALE_AFTER_S = 900.0
 STALE = "stale"
@@ -55,61 +44,12 @@ def is_stale(run: Run, *, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:
     On the owner's host a dead pid decides at once; elsewhere the heartbeat
     must be older than ``stale_after_s``.
     """
-    if run.status != "in_progress":
+    if run.status != RunStatus.IN_PROGRESS:
         return False
     if run.host == socket.gethostname() and run.pid and not process_alive(run.pid):
         return True
     beat = run.heartbeat_at or run.start_time
     return (datetime.now(UTC) - beat).total_seconds() > stale_after_s
-
-
-def readonly_engine(url: str) -> Engine:
-    """Return an engine that can only read the database at ``url``.
-
-    A SQLite file is opened in SQLite's read-only mode and never created; a
-    PostgreSQL session runs with ``default_transaction_read_only``.
-    """
-    backend = backend_of(url)
-    url = normalize_url(url)
-    if backend == "postgresql":
-        return create_engine(
-            url,
-            connect_args={
-                "connect_timeout": 10,
-                "options": "-c default_transaction_read_only=on",
-            },
-        )
-    database = make_url(url).database
-    if not database or database == ":memory:":
-        raise DatabaseError(f"database {mask_url(url)} is in memory: it holds no runs")
-    path = Path(database).expanduser().resolve()
-    if not path.is_file():
-        raise DatabaseError(
-            f"database file {path} does not exist (check --db or DATABASE_URL)"
-        )
-    uri = path.as_uri() + "?mode=ro"
-    return create_engine(
-        "sqlite://",
-        creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
-    )
-
-
-@contextmanager
-def read_session(url: str) -> Iterator[Session]:
-    """Open a read-only session; database failures become one-line DatabaseErrors."""
-    engine = readonly_engine(url)
-    try:
-        with Session(engine) as session:
-            if not inspect(session.connection()).has_table(Run.__tablename__):
-                raise DatabaseError(
-                    f"database {mask_url(url)} has no fedpneumo runs table "
-                    "(is it a fedpneumo tracking database?)"
-                )
-            yield session
-    except DBAPIError as exc:
-        raise DatabaseError(describe_error(exc, url)) from None
-    finally:
-        engine.dispose()
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from fedpneumo.tables import (
+    CURVE_COLUMNS,
+    clients_table,
+    curve_table,
+    details_table,
+    failures_table,
+    fmt_duration,
+    fmt_rounds,
+    make_console,
+    point_cell,
+    step_name,
+)
+
 if TYPE_CHECKING:
-    from fedpneumo.reports import ClientReport, CurvePoint, RunReport
+    from fedpneumo.reports import CurvePoint
 
 runs_app = typer.Typer(
     help="List, show, compare, plot and export runs (read-only).",
@@ -30,17 +41,6 @@ DbOption = Annotated[
         show_default=False,
     ),
 ]
-# Piped output gets wide tables: a wrapped cell breaks grep and scripts.
-PIPE_WIDTH = 200
-CURVE_COLUMNS = (
-    ("train_loss", "train loss"),
-    ("loss", "val loss"),
-    ("accuracy", "val accuracy"),
-    ("auroc", "val AUROC"),
-    ("f1_score", "val F1"),
-    ("precision", "val precision"),
-    ("recall", "val recall"),
-)
 
 
 class ExportFormat(StrEnum):
@@ -50,49 +50,10 @@ class ExportFormat(StrEnum):
     json = "json"
 
 
-def make_console() -> Console:
-    """Return a console for tables; piped output is wide so rows never wrap."""
-    console = Console()
-    if console.is_terminal or "COLUMNS" in os.environ:
-        return console
-    return Console(width=PIPE_WIDTH)
-
-
 def _url(db: str | None) -> str:
     from persistence.db import default_database_url
 
     return db or default_database_url()
-
-
-def fmt_duration(seconds: float | None) -> str:
-    """Format seconds as ``12.3s``, ``4m05s`` or ``2h07m``."""
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{seconds:.1f}s"
-
-
-def fmt_rounds(report: RunReport) -> str:
-    """Format progress as ``done/planned`` rounds (federated) or epochs."""
-    if report.rounds_planned is None:
-        return str(report.rounds_done)
-    return f"{report.rounds_done}/{report.rounds_planned}"
-
-
-def step_name(report: RunReport) -> str:
-    """Return ``round`` for federated runs and ``epoch`` for centralized ones."""
-    return "round" if report.mode == "federated" else "epoch"
-
-
-def _point(point: CurvePoint | None, key: str) -> str:
-    from fedpneumo.summary import fmt
-
-    return fmt(None if point is None else getattr(point, key))
 
 
 @runs_app.command("list")
@@ -103,8 +64,9 @@ def list_runs(
     db: DbOption = None,
 ) -> None:
     """List runs: status (stale = dead in-progress), progress, best val AUROC."""
-    from fedpneumo.reports import load_runs, read_session
+    from fedpneumo.reports import load_runs
     from persistence.db import mask_url
+    from persistence.readonly import read_session
 
     url = _url(db)
     with read_session(url) as session:
@@ -129,8 +91,8 @@ def list_runs(
             r.partition or "-",
             r.status,
             fmt_rounds(r),
-            _point(best, "auroc"),
-            _point(best, "accuracy"),
+            point_cell(best, "auroc"),
+            point_cell(best, "accuracy"),
             "-" if best is None else f"{step_name(r)} {best.step}",
             fmt_duration(r.duration_s),
         )
@@ -143,108 +105,24 @@ def show(
     db: DbOption = None,
 ) -> None:
     """Show a run: details, config, validation per round/epoch, clients."""
-    from fedpneumo.reports import load_clients, load_failures, load_runs, read_session
+    from fedpneumo.reports import load_clients, load_failures, load_runs
+    from persistence.readonly import read_session
 
     with read_session(_url(db)) as session:
         (report,) = load_runs(session, [run_id])
         clients = load_clients(session, [run_id])[run_id]
         failures = load_failures(session, run_id)
     console = make_console()
-    console.print(_details_table(report))
+    console.print(details_table(report))
     console.rule("config")
     if report.config:
         console.print_json(data=report.config)
     else:
         console.print("no config recorded")
-    console.print(_curve_table(report))
+    console.print(curve_table(report))
     if report.mode == "federated":
-        console.print(_clients_table(clients))
-        console.print(_failures_table(failures))
-
-
-def _details_table(r: RunReport) -> Table:
-    c = r.columns
-    table = Table(title=f"run {r.id}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value", overflow="fold")
-    host = f"{c['host']} pid {c['pid']}" if c.get("host") else None
-    rows = {
-        "experiment": r.experiment,
-        "mode": r.mode,
-        "status": r.status,
-        "strategy": r.strategy,
-        "partition": r.partition,
-        "seed": c.get("seed"),
-        f"{step_name(r)}s": fmt_rounds(r),
-        "started": c.get("start_time"),
-        "ended": c.get("end_time"),
-        "duration": fmt_duration(r.duration_s),
-        "flower run id": c.get("flwr_run_id"),
-        "host": host,
-        "outputs": c.get("outputs_path"),
-        "checkpoint": c.get("checkpoint_path"),
-        "final model": c.get("final_model_path"),
-        "error": c.get("error_message"),
-    }
-    for key, value in rows.items():
-        table.add_row(key, "-" if value is None else str(value))
-    return table
-
-
-def _curve_table(r: RunReport) -> Table:
-    title = (
-        "server evaluation on val, per round (round 0 = initial model)"
-        if r.mode == "federated"
-        else "validation per epoch"
-    )
-    table = Table(title=f"run {r.id}: {title}")
-    table.add_column(step_name(r), justify="right")
-    for _, header in CURVE_COLUMNS:
-        table.add_column(header, justify="right")
-    table.add_column("best")
-    best = r.best
-    for p in r.curve:
-        cells = [_point(p, key) for key, _ in CURVE_COLUMNS]
-        table.add_row(str(p.step), *cells, "*" if p is best else "")
-    return table
-
-
-def _clients_table(clients: list[ClientReport]) -> Table:
-    from fedpneumo.summary import fmt
-
-    table = Table(title="clients (train loss and val AUROC: last local epoch)")
-    table.add_column("client")
-    for name in ("partition", "examples", "rounds trained", "last round"):
-        table.add_column(name, justify="right")
-    for name in ("train loss", "val AUROC", "failures"):
-        table.add_column(name, justify="right")
-    for c in clients:
-        last = c.last_round
-        table.add_row(
-            c.identifier,
-            fmt(c.partition_id),
-            fmt(c.num_examples),
-            str(len(c.train_losses)),
-            fmt(last),
-            fmt(c.train_losses.get(last) if last is not None else None),
-            fmt(c.val_aurocs.get(last) if last is not None else None),
-            str(c.failures),
-        )
-    return table
-
-
-def _failures_table(failures: list[dict[str, Any]]) -> Table:
-    table = Table(title=f"client failures: {len(failures)}")
-    for name in ("round", "client", "node id", "reason"):
-        table.add_column(name)
-    for f in failures:
-        table.add_row(
-            str(f["round_number"]),
-            f["client_identifier"] or "-",
-            f["node_id"],
-            f["reason"],
-        )
-    return table
+        console.print(clients_table(clients))
+        console.print(failures_table(failures))
 
 
 @runs_app.command("compare")
@@ -256,7 +134,8 @@ def compare(
 
     Best is the round/epoch with the highest val AUROC; final is the last one.
     """
-    from fedpneumo.reports import MISSING, config_differences, load_runs, read_session
+    from fedpneumo.reports import MISSING, config_differences, load_runs
+    from persistence.readonly import read_session
 
     if len(run_ids) < 2:
         raise typer.BadParameter("give at least two run ids", param_hint="RUN_IDS")
@@ -278,7 +157,7 @@ def compare(
         points = [getattr(r, which) for r in reports]
         rows.append((f"{which} round / epoch", [_step(p) for p in points]))
         for key, header in CURVE_COLUMNS:
-            rows.append((f"{which} {header}", [_point(p, key) for p in points]))
+            rows.append((f"{which} {header}", [point_cell(p, key) for p in points]))
     for name, cells in rows:
         table.add_row(name, *cells)
     console = make_console()
@@ -314,7 +193,8 @@ def plot(
     Runs share the axes; centralized runs are dashed, against epochs.
     """
     from fedpneumo.plots import plot_runs
-    from fedpneumo.reports import load_clients, load_runs, read_session
+    from fedpneumo.reports import load_clients, load_runs
+    from persistence.readonly import read_session
 
     if not output.parent.is_dir():
         raise typer.BadParameter(
@@ -352,7 +232,7 @@ def export(
     Floats keep full precision, booleans are true/false, runs.config is JSON.
     """
     from fedpneumo.export import csv_text, export_run, json_text
-    from fedpneumo.reports import read_session
+    from persistence.readonly import read_session
 
     with read_session(_url(db)) as session:
         tables = export_run(session, run_id)

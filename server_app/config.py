@@ -12,109 +12,29 @@ import importlib
 import inspect
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
 from persistence.errors import InputError
+from server_app.choices import (
+    STRATEGY_CLASSES,
+    Backend,
+    ClientWrites,
+    Device,
+    LrSchedule,
+    ModelName,
+    Norm,
+    Optimizer,
+    PartitionName,
+    StrategyName,
+)
 
 SCHEMA_NAME = "fedpneumo_schema"
 
 
 class ConfigError(InputError):
     """A configuration problem, reported in one line naming the key."""
-
-
-class StrategyName(StrEnum):
-    """Flower strategies, by config name."""
-
-    fedavg = "fedavg"
-    fedprox = "fedprox"
-    fedadam = "fedadam"
-    fedyogi = "fedyogi"
-    fedadagrad = "fedadagrad"
-    fedavgm = "fedavgm"
-    fedmedian = "fedmedian"
-    fedtrimmedavg = "fedtrimmedavg"
-    krum = "krum"
-    multikrum = "multikrum"
-    bulyan = "bulyan"
-
-
-# Flower's own strategy classes (flwr.serverapp.strategy), by config name.
-STRATEGY_CLASSES = {
-    "fedavg": "FedAvg",
-    "fedprox": "FedProx",
-    "fedadam": "FedAdam",
-    "fedyogi": "FedYogi",
-    "fedadagrad": "FedAdagrad",
-    "fedavgm": "FedAvgM",
-    "fedmedian": "FedMedian",
-    "fedtrimmedavg": "FedTrimmedAvg",
-    "krum": "Krum",
-    "multikrum": "MultiKrum",
-    "bulyan": "Bulyan",
-}
-
-
-class PartitionName(StrEnum):
-    """How the training split is divided among hospitals."""
-
-    iid = "iid"
-    dirichlet = "dirichlet"
-    pathological = "pathological"
-
-
-class ModelName(StrEnum):
-    """Networks the trainer can build."""
-
-    cnn = "cnn"
-    resnet18 = "resnet18"
-
-
-class Norm(StrEnum):
-    """Normalisation layers of the networks."""
-
-    batch = "batch"
-    group = "group"
-    none = "none"
-
-
-class Optimizer(StrEnum):
-    """Local optimisers."""
-
-    adam = "adam"
-    sgd = "sgd"
-
-
-class LrSchedule(StrEnum):
-    """Learning-rate schedules (per epoch, or per round in federated runs)."""
-
-    constant = "constant"
-    cosine = "cosine"
-
-
-class Device(StrEnum):
-    """Where tensors live; auto picks CUDA when present."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class ClientWrites(StrEnum):
-    """How clients' metric rows reach the database."""
-
-    direct = "direct"
-    relay = "relay"
-
-
-class Backend(StrEnum):
-    """Database backends a config may require."""
-
-    sqlite = "sqlite"
-    postgresql = "postgresql"
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,14 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_S) ->
         time.sleep(1.0)
 
 
-def run_session(grid: Grid, context: Context) -> None:
-    """Run one federated session against exactly one Run row."""
-    setup_logging()
+def prepare_session(
+    context: Context,
+) -> tuple[AppConfig, str | None, dict[str, Any], Any]:
+    """Compose the config (or the resumed run's), check it, load the data.
+
+    Returns the config, the database URL (None without tracking), the resumed
+    round state (empty for a new run) and the loaded data.
+    """
     overrides = str(context.run_config.get("overrides", ""))
     resume_id = int(context.run_config.get("resume-run-id", 0))
     cfg = resolve_paths(load_config(overrides))
@@ -94,23 +99,27 @@ def run_session(grid: Grid, context: Context) -> None:
             )
         cfg, state = resume_state(url, resume_id, cfg)
     data = configured_data(cfg)
-    val = data.split("val")
     check_partitions(cfg, data.split("train").labels)
-    num_nodes = wait_for_nodes(grid, cfg.simulation.num_supernodes)
+    return cfg, url, state, data
 
+
+def run_session(grid: Grid, context: Context) -> None:
+    """Run one federated session against exactly one Run row."""
+    setup_logging()
+    cfg, url, state, data = prepare_session(context)
+    num_nodes = wait_for_nodes(grid, cfg.simulation.num_supernodes)
+    resume_id = int(context.run_config.get("resume-run-id", 0))
     if url and resume_id:
         run_id = resume_id
     elif url:
-        run_id = open_run(
-            cfg, url, context, {"synthetic": data.synthetic, "data_source": data.source}
-        )
+        extra = {"synthetic": data.synthetic, "data_source": data.source}
+        run_id = open_run(cfg, url, context, extra)
     else:
         run_id = 0
     run_dir = Path(cfg.outputs_dir) / "runs" / str(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     recorder = RunRecorder(url, run_id, run_dir)
     recorder.start_heartbeat()
-    offset = int(state.get("round", 0))
     log.info(
         "federated run %d (%s) on %s: %s, %s, %d clients, rounds %d..%d",
         run_id,
@@ -119,11 +128,11 @@ def run_session(grid: Grid, context: Context) -> None:
         cfg.strategy.name,
         partition_label(cfg),
         num_nodes,
-        offset + 1,
+        int(state.get("round", 0)) + 1,
         cfg.num_rounds,
     )
     try:
-        _train(cfg, grid, recorder, run_dir, val, num_nodes, state, url)
+        _train(cfg, grid, recorder, run_dir, data.split("val"), num_nodes, state, url)
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
         recorder.replay_all(timeout_s=30)

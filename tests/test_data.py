@@ -17,10 +17,10 @@ from client_app.data import (
     limit_split,
     load_image_folder,
     load_npz,
-    make_loader,
     make_synthetic,
     resolve_data,
 )
+from client_app.loaders import make_loader
 
 REAL_NPZ = (
     Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from client_app.data import make_loader, make_synthetic
+from client_app.data import make_synthetic
+from client_app.loaders import make_loader
 from client_app.model import MODEL_NAMES, build_model, count_parameters
 
 

@@ -1,0 +1,153 @@
+"""Rich tables of tracked runs, shared by the ``runs`` commands."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from fedpneumo.reports import ClientReport, CurvePoint, RunReport
+
+# Piped output gets wide tables: a wrapped cell breaks grep and scripts.
+PIPE_WIDTH = 200
+CURVE_COLUMNS = (
+    ("train_loss", "train loss"),
+    ("loss", "val loss"),
+    ("accuracy", "val accuracy"),
+    ("auroc", "val AUROC"),
+    ("f1_score", "val F1"),
+    ("precision", "val precision"),
+    ("recall", "val recall"),
+)
+
+
+def make_console() -> Console:
+    """Return a console for tables; piped output is wide so rows never wrap."""
+    console = Console()
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(width=PIPE_WIDTH)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """Format seconds as ``12.3s``, ``4m05s`` or ``2h07m``."""
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{seconds:.1f}s"
+
+
+def fmt_rounds(report: RunReport) -> str:
+    """Format progress as ``done/planned`` rounds (federated) or epochs."""
+    if report.rounds_planned is None:
+        return str(report.rounds_done)
+    return f"{report.rounds_done}/{report.rounds_planned}"
+
+
+def step_name(report: RunReport) -> str:
+    """Return ``round`` for federated runs and ``epoch`` for centralized ones."""
+    return "round" if report.mode == "federated" else "epoch"
+
+
+def point_cell(point: CurvePoint | None, key: str) -> str:
+    """Format one metric of a curve point (``-`` when absent)."""
+    from fedpneumo.summary import fmt
+
+    return fmt(None if point is None else getattr(point, key))
+
+
+def details_table(r: RunReport) -> Table:
+    """Return the run's columns as a field/value table."""
+    c = r.columns
+    table = Table(title=f"run {r.id}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    host = f"{c['host']} pid {c['pid']}" if c.get("host") else None
+    rows = {
+        "experiment": r.experiment,
+        "mode": r.mode,
+        "status": r.status,
+        "strategy": r.strategy,
+        "partition": r.partition,
+        "seed": c.get("seed"),
+        f"{step_name(r)}s": fmt_rounds(r),
+        "started": c.get("start_time"),
+        "ended": c.get("end_time"),
+        "duration": fmt_duration(r.duration_s),
+        "flower run id": c.get("flwr_run_id"),
+        "host": host,
+        "outputs": c.get("outputs_path"),
+        "checkpoint": c.get("checkpoint_path"),
+        "final model": c.get("final_model_path"),
+        "error": c.get("error_message"),
+    }
+    for key, value in rows.items():
+        table.add_row(key, "-" if value is None else str(value))
+    return table
+
+
+def curve_table(r: RunReport) -> Table:
+    """Return validation per round (federated) or per epoch, best marked."""
+    title = (
+        "server evaluation on val, per round (round 0 = initial model)"
+        if r.mode == "federated"
+        else "validation per epoch"
+    )
+    table = Table(title=f"run {r.id}: {title}")
+    table.add_column(step_name(r), justify="right")
+    for _, header in CURVE_COLUMNS:
+        table.add_column(header, justify="right")
+    table.add_column("best")
+    best = r.best
+    for p in r.curve:
+        cells = [point_cell(p, key) for key, _ in CURVE_COLUMNS]
+        table.add_row(str(p.step), *cells, "*" if p is best else "")
+    return table
+
+
+def clients_table(clients: list[ClientReport]) -> Table:
+    """Return one row per client: data, rounds trained, last loss and AUROC."""
+    from fedpneumo.summary import fmt
+
+    table = Table(title="clients (train loss and val AUROC: last local epoch)")
+    table.add_column("client")
+    for name in ("partition", "examples", "rounds trained", "last round"):
+        table.add_column(name, justify="right")
+    for name in ("train loss", "val AUROC", "failures"):
+        table.add_column(name, justify="right")
+    for c in clients:
+        last = c.last_round
+        table.add_row(
+            c.identifier,
+            fmt(c.partition_id),
+            fmt(c.num_examples),
+            str(len(c.train_losses)),
+            fmt(last),
+            fmt(c.train_losses.get(last) if last is not None else None),
+            fmt(c.val_aurocs.get(last) if last is not None else None),
+            str(c.failures),
+        )
+    return table
+
+
+def failures_table(failures: list[dict[str, Any]]) -> Table:
+    """Return one row per client failure with its reason."""
+    table = Table(title=f"client failures: {len(failures)}")
+    for name in ("round", "client", "node id", "reason"):
+        table.add_column(name)
+    for f in failures:
+        table.add_row(
+            str(f["round_number"]),
+            f["client_identifier"] or "-",
+            f["node_id"],
+            f["reason"],
+        )
+    return table
