@@ -62,7 +62,7 @@ def test_train_then_evaluate_reproduces_val(
     scores = json.loads(evaluated.stdout)
     for key in ("accuracy", "auroc", "precision", "recall", "f1_score"):
         assert scores[key] == pytest.approx(final[f"final_val_{key}"], abs=1e-6)
-    assert scores["num_samples"] == 524 if data_file == REAL_DATA else 200
+    assert scores["num_samples"] == (524 if data_file == REAL_DATA else 200)
 
 
 def test_train_with_missing_data_path_fails_cleanly(tmp_path: Path) -> None:

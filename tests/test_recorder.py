@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from persistence import repositories as repo
-from persistence.db import get_engine, session_scope
+from persistence.db import dispose_engines, get_engine, session_scope, upgrade_database
 from persistence.models import (
     Client,
     ClientFailure,
@@ -34,8 +35,24 @@ def open_run(url: str) -> int:
 
 @pytest.fixture
 def recorder(db_url: str, tmp_path: Path) -> RunRecorder:
+    """A recorder of a fresh run, on SQLite and on PostgreSQL."""
     run_id = open_run(db_url)
     return RunRecorder(db_url, run_id, tmp_path / "runs" / str(run_id))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> Iterator[str]:
+    """For behaviour that does not depend on the backend."""
+    url = f"sqlite:///{tmp_path / 'tracking.db'}"
+    upgrade_database(url)
+    yield url
+    dispose_engines()
+
+
+@pytest.fixture
+def sqlite_recorder(sqlite_url: str, tmp_path: Path) -> RunRecorder:
+    run_id = open_run(sqlite_url)
+    return RunRecorder(sqlite_url, run_id, tmp_path / "runs" / str(run_id))
 
 
 EVALUATION = {
@@ -175,9 +192,11 @@ def test_update_sets_run_columns_and_the_heartbeat(recorder: RunRecorder) -> Non
         assert run.status == RunStatus.IN_PROGRESS
 
 
-def test_update_rejects_a_column_the_runs_table_lacks(recorder: RunRecorder) -> None:
+def test_update_rejects_a_column_the_runs_table_lacks(
+    sqlite_recorder: RunRecorder,
+) -> None:
     with pytest.raises(AttributeError, match="runs has no column 'colour'"):
-        recorder.update(colour="blue")
+        sqlite_recorder.update(colour="blue")
 
 
 @pytest.mark.parametrize(
@@ -185,39 +204,39 @@ def test_update_rejects_a_column_the_runs_table_lacks(recorder: RunRecorder) -> 
     [(RunStatus.COMPLETED, None), (RunStatus.FAILED, "TooFewRepliesError: round 2")],
 )
 def test_finish_closes_the_run(
-    recorder: RunRecorder, status: RunStatus, error: str | None
+    sqlite_recorder: RunRecorder, status: RunStatus, error: str | None
 ) -> None:
-    recorder.finish(status, error, timeout_s=5)
-    with session_scope(get_engine(recorder.url or "")) as db:
-        run = repo.require_run(db, recorder.run_id)
+    sqlite_recorder.finish(status, error, timeout_s=5)
+    with session_scope(get_engine(sqlite_recorder.url or "")) as db:
+        run = repo.require_run(db, sqlite_recorder.run_id)
         assert (run.status, run.error_message) == (status.value, error)
         assert run.end_time is not None
 
 
 def test_writes_go_through_the_spool_and_leave_nothing_pending(
-    recorder: RunRecorder,
+    sqlite_recorder: RunRecorder,
 ) -> None:
-    recorder.record_evaluation(1, EVALUATION, seconds=0.1)
-    spool = recorder.run_dir / "server" / SPOOL_DIRNAME
+    sqlite_recorder.record_evaluation(1, EVALUATION, seconds=0.1)
+    spool = sqlite_recorder.run_dir / "server" / SPOOL_DIRNAME
     assert spool.is_dir()  # written there first ...
     assert pending_files(spool) == []  # ... and removed once committed
 
 
 def test_replay_all_commits_client_spools_under_the_run_folder(
-    recorder: RunRecorder,
+    sqlite_recorder: RunRecorder,
 ) -> None:
     # A batch a client spooled but could not write (say, its database was down).
-    client_spool = recorder.run_dir / "clients" / "client-0" / SPOOL_DIRNAME
+    client_spool = sqlite_recorder.run_dir / "clients" / "client-0" / SPOOL_DIRNAME
     batch = MetricBatch(
-        run_id=recorder.run_id,
+        run_id=sqlite_recorder.run_id,
         points=[MetricPoint("train_loss", 0.5, 1, "train", 1)],
         client_identifier="client-0",
     )
-    DurableWriter(recorder.url or "", client_spool).spool(batch.to_entry())
+    DurableWriter(sqlite_recorder.url or "", client_spool).spool(batch.to_entry())
     assert len(pending_files(client_spool)) == 1
-    assert recorder.replay_all(timeout_s=5) == 0
+    assert sqlite_recorder.replay_all(timeout_s=5) == 0
     assert pending_files(client_spool) == []
-    with session_scope(get_engine(recorder.url or "")) as db:
+    with session_scope(get_engine(sqlite_recorder.url or "")) as db:
         row = db.scalars(select(RunMetric)).one()
         client = db.scalars(select(Client)).one()
         assert (row.client_id, row.metric_name, row.round_number) == (
@@ -228,8 +247,10 @@ def test_replay_all_commits_client_spools_under_the_run_folder(
         assert client.client_identifier == "client-0"
 
 
-def test_a_recorder_without_a_url_records_nothing(db_url: str, tmp_path: Path) -> None:
-    run_id = open_run(db_url)
+def test_a_recorder_without_a_url_records_nothing(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    run_id = open_run(sqlite_url)
     recorder = RunRecorder(None, run_id, tmp_path / "run")
     assert not recorder.enabled
     recorder.record_evaluation(1, EVALUATION, seconds=0.1)
@@ -247,7 +268,7 @@ def test_a_recorder_without_a_url_records_nothing(db_url: str, tmp_path: Path) -
     assert recorder.replay_all(timeout_s=1) == 0
     recorder.finish(RunStatus.COMPLETED, None, timeout_s=1)
     assert not (tmp_path / "run").exists()
-    with session_scope(get_engine(db_url)) as db:
+    with session_scope(get_engine(sqlite_url)) as db:
         for model in (RunMetric, ServerEvaluation, ClientFailure, Client):
             assert db.scalar(select(func.count()).select_from(model)) == 0
         run = db.get(Run, run_id)

@@ -6,6 +6,7 @@ LinkState with registered nodes, and reply Messages in the ClientApp's format.
 
 from __future__ import annotations
 
+import gc
 import math
 import pickle
 import secrets
@@ -71,6 +72,15 @@ from server_app.strategy import (
 NUM_NODES = 3
 OFFSET = 2  # resumed after round 2: Flower's round 1 is the run's round 3
 WIDTH = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _settled_heap() -> Iterator[None]:
+    # Flower's Bulyan runs a full gc.collect() per reply (~0.3 s each with
+    # torch loaded); keep the objects that already exist out of those scans.
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @dataclass
@@ -253,9 +263,7 @@ def aggregate_rows(recorder: RunRecorder) -> list[RunMetric]:
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGY_CLASSES))
-def test_make_strategy_subclasses_flowers_class(
-    name: str, recorder: RunRecorder
-) -> None:
+def test_make_strategy_subclasses_flowers_class(name: str) -> None:
     cfg = load_config([f"strategy={name}"])
     strategy = make_strategy(cfg, num_nodes=NUM_NODES)
     assert type(strategy).__name__ == f"Tracked{STRATEGY_CLASSES[name]}"
@@ -290,7 +298,9 @@ def test_a_round_through_every_strategy(
     model = build_model("cnn", width=WIDTH)
     model.load_state_dict(arrays.to_torch_state_dict())  # a usable global model
     assert set(metrics) == set(REPLY_METRICS)
-    assert all(0.1 <= float(v) <= 0.3 for v in metrics.values())  # type: ignore[arg-type]
+    # Clients reported 0.1, 0.2 and 0.3: any robust or weighted mean lies within.
+    values = [float(v) for v in metrics.values()]  # type: ignore[arg-type]
+    assert all(0.1 - 1e-9 <= v <= 0.3 + 1e-9 for v in values)
 
     assert recorder.replay_all(timeout_s=5) == 0
     rows = aggregate_rows(recorder)

@@ -1,0 +1,118 @@
+"""Whole federated sessions (``run_session``) over the in-process loopback grid.
+
+Every strategy runs the real ServerApp session against the real ClientApp
+and a real SQLite file; only Flower's transport is replaced (tests/loopback.py).
+The same sessions through `flwr run` and Ray are in tests/test_federated.py.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from sqlalchemy import select
+
+from client_app.app import app as client_app
+from client_app.app import train
+from persistence.db import dispose_engines, get_engine, session_scope
+from persistence.models import ClientFailure, Run, ServerEvaluation
+from server_app.config import STRATEGY_CLASSES
+from server_app.federation import run_session
+from server_app.strategy import TooFewRepliesError
+from tests.loopback import RUN_ID, LoopbackGrid, serverapp_identity
+
+NUM_NODES = 3
+
+
+def session(
+    tmp_path: Path, data_file: Path, *overrides: str, app: ClientApp = client_app
+) -> str:
+    """Run one whole session in-process; return the tracking database URL."""
+    out = tmp_path / "out"
+    args = [
+        f"data.path={data_file}",
+        "data.limit=200",
+        "model.width=8",
+        f"simulation.num_supernodes={NUM_NODES}",
+        "num_rounds=2",
+        f"outputs_dir={out}",
+        *overrides,
+    ]
+    context = Context(
+        run_id=RUN_ID,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"overrides": shlex.join(args), "resume-run-id": 0},
+    )
+    with serverapp_identity():
+        run_session(LoopbackGrid(app, NUM_NODES), context)
+    return f"sqlite:///{out / 'fedpneumo.db'}"
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_CLASSES))
+def test_every_strategy_completes_a_session(
+    strategy: str, tmp_path: Path, data_file: Path
+) -> None:
+    url = session(tmp_path, data_file, f"strategy={strategy}")
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert (run.strategy, run.status) == (strategy, "completed")
+        assert run.rounds_completed == 2 and run.flwr_run_id == str(RUN_ID)
+        rounds = s.scalars(
+            select(ServerEvaluation.round_number).where(
+                ServerEvaluation.run_id == run.id
+            )
+        ).all()
+        assert sorted(rounds) == [0, 1, 2]
+        assert Path(run.final_model_path).is_file()
+    dispose_engines()
+
+
+def failing_client(partition_id: int, server_round: int) -> ClientApp:
+    """Our ClientApp, except that one client raises in one round."""
+
+    def fail(msg: Message, context: Context, call_next: Any) -> Message:
+        here = (int(context.node_config["partition-id"]), msg.content["config"])
+        if here[0] == partition_id and here[1]["server-round"] == server_round:
+            raise RuntimeError(f"injected fault in round {server_round}")
+        return call_next(msg, context)
+
+    app = ClientApp(mods=[fail])
+    app.train()(train)
+    return app
+
+
+def test_failing_client_is_recorded_and_the_session_completes(
+    tmp_path: Path, data_file: Path
+) -> None:
+    url = session(tmp_path, data_file, app=failing_client(1, 2))
+    with session_scope(get_engine(url)) as s:
+        assert s.scalars(select(Run.status)).one() == "completed"
+        failure = s.scalars(select(ClientFailure)).one()
+        assert (failure.round_number, failure.client_identifier) == (2, "client-1")
+        assert "injected fault in round 2" in failure.reason
+    dispose_engines()
+
+
+def test_too_few_replies_fail_the_session_with_the_reason(
+    tmp_path: Path, data_file: Path
+) -> None:
+    with pytest.raises(TooFewRepliesError, match="round 1: only 2 of 3 clients"):
+        session(
+            tmp_path,
+            data_file,
+            "strategy.min_success_fraction=1.0",
+            app=failing_client(2, 1),
+        )
+    url = f"sqlite:///{tmp_path / 'out' / 'fedpneumo.db'}"
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert run.status == "failed" and run.end_time is not None
+        assert "TooFewRepliesError: round 1: only 2 of 3" in run.error_message
+        assert "injected fault in round 1" in run.error_message
+    dispose_engines()
