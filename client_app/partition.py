@@ -84,7 +84,8 @@ def make_partitioner(spec: PartitionSpec) -> Partitioner:
             num_partitions=spec.num_partitions,
             partition_by="label",
             num_classes_per_partition=spec.classes_per_client,
-            class_assignment_mode="random",
+            # partition_id % 2 gives the first class: no class is left unused.
+            class_assignment_mode="first-deterministic",
             shuffle=True,
             seed=spec.partition_seed,
         )

@@ -26,7 +26,7 @@ from server_app.compose import (
     load_config,
     resolve_paths,
 )
-from server_app.config import AppConfig, ConfigError, StrategyName
+from server_app.config import AppConfig, ConfigError
 from server_app.events import ROUND_EVALUATED, parse_event
 from server_app.factories import check_partitions, configured_data
 from server_app.runs import resumable_run
@@ -105,14 +105,6 @@ def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
         cfg.data.path = "synthetic"  # the loud fallback, recorded in the run
     data.split("val")
     check_partitions(cfg, data.split("train").labels)
-    if cfg.strategy.name == StrategyName.bulyan:
-        sampled = int(cfg.strategy.fraction_train * cfg.simulation.num_supernodes)
-        f = int(cfg.strategy.params.get("num_malicious_nodes", 0))
-        if sampled < 4 * f + 3:
-            raise ConfigError(
-                f"strategy=bulyan needs at least {4 * f + 3} sampled clients "
-                f"(4 x num_malicious_nodes + 3) but {sampled} are sampled per round"
-            )
     url = database_url(cfg) if cfg.tracking.enable_db else ""
     if url:
         upgrade_database(url)

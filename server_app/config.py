@@ -249,10 +249,31 @@ def check_rules(cfg: AppConfig) -> None:
             )
 
 
+def check_bulyan(cfg: AppConfig) -> None:
+    """Check that Bulyan gets the 4 x num_malicious_nodes + 3 replies it needs.
+
+    With fewer, Flower's Bulyan returns no model and the round would be
+    skipped silently.
+    """
+    if cfg.strategy.name != StrategyName.bulyan:
+        return
+    sampled = max(
+        1, math.ceil(cfg.strategy.fraction_train * cfg.simulation.num_supernodes)
+    )
+    need = 4 * int(cfg.strategy.params.get("num_malicious_nodes", 0)) + 3
+    if sampled < need:
+        raise ConfigError(
+            f"strategy=bulyan needs at least {need} sampled clients "
+            f"(4 x num_malicious_nodes + 3) but {sampled} are sampled per round; "
+            "raise simulation.num_supernodes or strategy.fraction_train"
+        )
+
+
 def validate(cfg: AppConfig) -> None:
     """Check value ranges and the cross-key rules that types cannot express."""
     check_values(cfg)
     check_rules(cfg)
+    check_bulyan(cfg)
 
 
 def partition_seed(cfg: AppConfig) -> int:

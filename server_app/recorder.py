@@ -173,13 +173,16 @@ class RunRecorder:
         """Set run columns and the heartbeat; kept for later if the db is down."""
         if not self.url:
             return
-        self._pending_fields.update(fields)
+        pending = {**self._pending_fields, **fields}
         try:
             with session_scope(get_engine(self.url)) as db:
-                repo.update_run(db, run_id=self.run_id, **self._pending_fields)
+                repo.update_run(db, run_id=self.run_id, **pending)
         except Exception as exc:
             if not is_transient(exc):
+                # Values the database rejects are not kept: they would fail
+                # every later update and the run could never be closed.
                 raise
+            self._pending_fields = pending
             log.debug("run update deferred: %s", str(exc).splitlines()[0])
             return
         self._pending_fields = {}

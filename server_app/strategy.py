@@ -124,7 +124,9 @@ class TrackingMixin:
                 )
             else:
                 self._record_reply(message)
-        needed = max(1, math.ceil(self.min_success_fraction * len(replies)))
+        # Clients that never answered (timeouts) count as missing replies too.
+        sampled = max(getattr(self, "_sampled", 0), len(replies))
+        needed = max(1, math.ceil(self.min_success_fraction * sampled))
         if len(ok) < needed:
             failed = [
                 f"{self._client_name(m)} ({concise_reason(m.error.reason)})"
@@ -132,7 +134,7 @@ class TrackingMixin:
                 if m.has_error()
             ]
             raise TooFewRepliesError(
-                f"round {round_number}: only {len(ok)} of {len(replies)} clients "
+                f"round {round_number}: only {len(ok)} of {sampled} clients "
                 f"replied (need {needed}); failed: {'; '.join(failed)}"
             )
         arrays, metrics = super().aggregate_train(round_number, ok)  # type: ignore[misc]

@@ -165,3 +165,14 @@ def test_check_partitions_raises_a_config_error(
     cfg = load_config(overrides)
     with pytest.raises(ConfigError, match=expected):
         check_partitions(cfg, labels)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pathological_uses_every_class_whatever_the_seed(seed: int) -> None:
+    labels = np.array([0] * 90 + [1] * 210)
+    spec = make_spec(
+        name="pathological", classes_per_client=1, num_partitions=2, partition_seed=seed
+    )
+    rows = draw_partitions(spec, labels)
+    assert sorted(len(r) for r in rows) == [90, 210]  # no image is left unused
+    assert {int(labels[r[0]]) for r in rows} == {0, 1}

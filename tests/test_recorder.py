@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from persistence import repositories as repo
 from persistence.db import dispose_engines, get_engine, session_scope, upgrade_database
@@ -197,6 +198,18 @@ def test_update_rejects_a_column_the_runs_table_lacks(
 ) -> None:
     with pytest.raises(AttributeError, match="runs has no column 'colour'"):
         sqlite_recorder.update(colour="blue")
+
+
+def test_a_rejected_update_does_not_block_closing_the_run(
+    sqlite_recorder: RunRecorder,
+) -> None:
+    with pytest.raises(IntegrityError):
+        sqlite_recorder.update(rounds_completed=-1)  # the CHECK refuses it
+    sqlite_recorder.update(rounds_completed=2)
+    sqlite_recorder.finish(RunStatus.COMPLETED, None, timeout_s=5)
+    with session_scope(get_engine(sqlite_recorder.url or "")) as db:
+        run = repo.require_run(db, sqlite_recorder.run_id)
+        assert (run.status, run.rounds_completed) == ("completed", 2)
 
 
 @pytest.mark.parametrize(

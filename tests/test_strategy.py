@@ -573,6 +573,17 @@ def test_min_success_fraction_one_needs_every_client(
         strategy.aggregate_train(1, replies)
 
 
+def test_clients_that_never_reply_count_as_missing(
+    recorder: RunRecorder, federation: Federation
+) -> None:
+    strategy, _ = tracked("fedavg", recorder)
+    messages = configure(strategy, 1, model_arrays(0), federation)
+    # Two of the three sampled clients time out: Flower hands back one reply.
+    reply = train_reply(messages[0], partition_of(federation, messages[0]), seed=0)
+    with pytest.raises(TooFewRepliesError, match="only 1 of 3 clients replied"):
+        strategy.aggregate_train(1, [reply])
+
+
 def test_a_round_without_any_reply_fails(recorder: RunRecorder) -> None:
     strategy, _ = tracked("fedavg", recorder)
     with pytest.raises(TooFewRepliesError, match="only 0 of 0 clients replied"):
