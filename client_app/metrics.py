@@ -11,6 +11,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from persistence.repositories import SERVER_EVALUATION_FIELDS
+
 logger = logging.getLogger(__name__)
 
 LOSS = "loss"
@@ -25,19 +27,12 @@ FALSE_POSITIVES = "false_positives"
 FALSE_NEGATIVES = "false_negatives"
 NUM_SAMPLES = "num_samples"
 
-SERVER_EVAL_KEYS = (
-    LOSS,
-    ACCURACY,
-    PRECISION,
-    RECALL,
-    F1_SCORE,
-    AUROC,
-    TRUE_POSITIVES,
-    TRUE_NEGATIVES,
-    FALSE_POSITIVES,
-    FALSE_NEGATIVES,
-    NUM_SAMPLES,
-)
+# The headline figures of a binary classifier, in the order reports show them.
+HEADLINE_KEYS = (AUROC, ACCURACY, PRECISION, RECALL, F1_SCORE, LOSS)
+THRESHOLD = "threshold"
+# What binary_metrics measures: the server_evaluations columns but the
+# threshold, which is chosen rather than measured.
+SERVER_EVAL_KEYS = tuple(k for k in SERVER_EVALUATION_FIELDS if k != THRESHOLD)
 DEFAULT_THRESHOLD = 0.5
 SPLITS = ("train", "val", "test")
 

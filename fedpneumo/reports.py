@@ -17,6 +17,7 @@ from typing import Any, Final
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from client_app.metrics import HEADLINE_KEYS
 from fedpneumo.export import row_dict
 from fedpneumo.flower import process_alive
 from persistence.errors import RunNotFoundError
@@ -35,7 +36,7 @@ STALE = "stale"
 TRAIN_LOSS = "train_loss"
 VAL_AUROC = "val_auroc"
 # Server evaluation columns; centralized runs log them per epoch as ``val_<name>``.
-CURVE_FIELDS = ("loss", "accuracy", "auroc", "f1_score", "precision", "recall")
+CURVE_FIELDS = HEADLINE_KEYS
 
 
 def is_stale(run: Run, *, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:

@@ -9,9 +9,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from client_app.metrics import HEADLINE_KEYS
 from persistence.db import mask_url
 
-HEADLINE = ("auroc", "accuracy", "precision", "recall", "f1_score", "loss")
+HEADLINE = HEADLINE_KEYS
 
 
 def fmt(value: Any, digits: int = 4) -> str:

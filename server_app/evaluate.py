@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from client_app.data import Split
-from client_app.metrics import SERVER_EVAL_KEYS
+from client_app.metrics import SERVER_EVAL_KEYS, THRESHOLD
 from client_app.trainer import evaluate, save_checkpoint
 from server_app.config import AppConfig
 from server_app.events import emit_round
@@ -102,9 +102,7 @@ class ServerEvaluator:
             save_round_state(self.run_dir / ROUND_STATE, arrays, round_number, extra)
             self.recorder.update(rounds_completed=round_number)
         emit_round(round_number, self.cfg.num_rounds, metrics)
-        return MetricRecord(
-            {k: float(metrics[k]) for k in (*SERVER_EVAL_KEYS, "threshold")}
-        )
+        return MetricRecord({k: float(metrics[k]) for k in (*SERVER_EVAL_KEYS, THRESHOLD)})
 
     def save_final(self, arrays: ArrayRecord) -> Path:
         """Save the final global model with its own val threshold."""

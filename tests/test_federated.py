@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.engine import make_url
 
 from fedpneumo.launcher import LocalSuperLink
-from persistence.db import get_engine, session_scope
+from persistence.db import dispose_engines, get_engine, session_scope
 from persistence.models import Client, Run, RunMetric, ServerEvaluation
-from server_app.config import STRATEGY_CLASSES
-from tests.conftest import run_cli
+from tests.conftest import make_db_url, run_cli
 from tests.faults import fault_app
 
 # Every test here starts Flower or trains: the e2e tier.
@@ -73,14 +76,52 @@ def assert_complete_run(engine: Engine, clients: int, rounds: int) -> int:
         return run.id
 
 
+@dataclass
+class Session:
+    """One finished `fedpneumo run`, shared by the tests that inspect it."""
+
+    result: subprocess.CompletedProcess[str]
+    url: str
+    out: Path
+
+
+def run_session(
+    backend: str, request: pytest.FixtureRequest, data_file: Path
+) -> Iterator[Session]:
+    """Run a 3-client, 2-round session on a fresh database of a backend."""
+    tmp = request.getfixturevalue("tmp_path_factory").mktemp(f"session-{backend}")
+    url = make_db_url(backend, request, tmp)
+    result = run_cli(*small_run(data_file, tmp), env={"DATABASE_URL": url})
+    yield Session(result, url, tmp / "out")
+    dispose_engines()
+
+
+@pytest.fixture(scope="module")
+def sqlite_session(
+    request: pytest.FixtureRequest, data_file: Path
+) -> Iterator[Session]:
+    """The shared session on SQLite."""
+    yield from run_session("sqlite", request, data_file)
+
+
+@pytest.fixture(scope="module")
+def postgres_session(
+    request: pytest.FixtureRequest, data_file: Path
+) -> Iterator[Session]:
+    """The shared session on PostgreSQL (the URL holds a password)."""
+    yield from run_session("postgres", request, data_file)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_federated_run_tracks_every_client_and_round(
-    db_url: str, tmp_path: Path, data_file: Path
+    backend: str, request: pytest.FixtureRequest
 ) -> None:
-    result = run_cli(*small_run(data_file, tmp_path), env={"DATABASE_URL": db_url})
+    session: Session = request.getfixturevalue(f"{backend}_session")
+    result = session.result
     assert result.returncode == 0, result.stderr[-3000:]
     assert "federated run" in result.stdout and "completed" in result.stdout
     assert "round 2/2" in result.stderr  # progress lines off a terminal
-    assert_complete_run(get_engine(db_url), clients=3, rounds=2)
+    assert_complete_run(get_engine(session.url), clients=3, rounds=2)
 
 
 def test_failing_server_app_marks_the_run_failed(
@@ -98,8 +139,16 @@ def test_failing_server_app_marks_the_run_failed(
         assert run.error_message == "RuntimeError: injected server fault in round 1"
 
 
-def test_every_strategy_completes_a_smoke_run(tmp_path: Path, data_file: Path) -> None:
-    sweep = "strategy=" + ",".join(STRATEGY_CLASSES)
+# Every strategy runs a whole session in-process in tests/test_sessions.py; here a
+# sweep proves the same through `flwr run` and Ray, with a strategy that changes
+# the clients' loss (FedProx's proximal term) and one with server state (FedAdam).
+SWEPT = ("fedprox", "fedadam")
+
+
+def test_strategy_sweep_completes_through_flower(
+    tmp_path: Path, data_file: Path
+) -> None:
+    sweep = "strategy=" + ",".join(SWEPT)
     result = run_cli(
         *small_run(data_file, tmp_path, "-m", sweep, "data.limit=200"),
         timeout=1200,
@@ -108,7 +157,7 @@ def test_every_strategy_completes_a_smoke_run(tmp_path: Path, data_file: Path) -
     db = f"sqlite:///{tmp_path / 'out' / 'fedpneumo.db'}"
     with session_scope(get_engine(db)) as s:
         runs = s.scalars(select(Run)).all()
-        assert sorted(r.strategy for r in runs) == sorted(STRATEGY_CLASSES)
+        assert sorted(r.strategy for r in runs) == sorted(SWEPT)
         assert {r.status for r in runs} == {"completed"}
         assert {r.experiment_id for r in runs} == {runs[0].experiment_id}
         for run in runs:
@@ -154,16 +203,13 @@ def test_bad_override_stops_before_anything_starts(tmp_path: Path) -> None:
     assert not (tmp_path / "fedpneumo.db").exists()
 
 
-def test_config_snapshot_has_no_password(pg_server, tmp_path: Path, data_file: Path):  # noqa: ANN001, ANN201
-    url = pg_server.create_database()
-    result = run_cli(
-        *small_run(data_file, tmp_path, "num_rounds=1", "simulation.num_supernodes=2"),
-        env={"DATABASE_URL": url},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert pg_server.password not in result.stdout + result.stderr
-    with session_scope(get_engine(url)) as s:
+def test_config_snapshot_has_no_password(postgres_session: Session) -> None:
+    session = postgres_session
+    password = make_url(session.url).password
+    assert password and session.result.returncode == 0
+    assert password not in session.result.stdout + session.result.stderr
+    with session_scope(get_engine(session.url)) as s:
         run = s.scalars(select(Run)).one()
-        assert pg_server.password not in json.dumps(run.config)
-    logs = "".join(p.read_text() for p in (tmp_path / "out").rglob("*.log"))
-    assert pg_server.password not in logs
+        assert password not in json.dumps(run.config)
+    logs = "".join(p.read_text() for p in session.out.rglob("*.log"))
+    assert logs and password not in logs
