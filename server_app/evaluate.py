@@ -102,7 +102,9 @@ class ServerEvaluator:
             save_round_state(self.run_dir / ROUND_STATE, arrays, round_number, extra)
             self.recorder.update(rounds_completed=round_number)
         emit_round(round_number, self.cfg.num_rounds, metrics)
-        return MetricRecord({k: float(metrics[k]) for k in (*SERVER_EVAL_KEYS, THRESHOLD)})
+        return MetricRecord(
+            {k: float(metrics[k]) for k in (*SERVER_EVAL_KEYS, THRESHOLD)}
+        )
 
     def save_final(self, arrays: ArrayRecord) -> Path:
         """Save the final global model with its own val threshold."""
