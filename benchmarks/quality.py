@@ -49,13 +49,14 @@ def feasible_partition(overrides: list[str]) -> tuple[list[str], list[int]]:
     under partition.min_partition_size; then the first partition.seed from 0
     whose draw gives every client enough images is used (and reported).
     """
-    from fedpneumo.federated import check_partitions
     from server_app.compose import load_config, resolve_paths
     from server_app.config import ConfigError
-    from server_app.factories import configured_data as load_data
+    from server_app.factories import check_partitions, configured_data
 
     # partition.seed changes only the draw, never which images are in play.
-    labels = load_data(resolve_paths(load_config(overrides))).split("train").labels
+    labels = (
+        configured_data(resolve_paths(load_config(overrides))).split("train").labels
+    )
     for extra in ([], *([f"partition.seed={s}"] for s in range(100))):
         try:
             cfg = resolve_paths(load_config([*overrides, *extra]))
