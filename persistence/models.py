@@ -5,16 +5,14 @@ Table and column names are public: reports and users query them with plain SQL.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
     JSON,
-    BigInteger,
     Boolean,
     CheckConstraint,
-    DateTime,
     Float,
     ForeignKey,
     Index,
@@ -25,9 +23,16 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
 )
-from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
-from sqlalchemy.types import TypeDecorator
+
+from persistence.column_types import (
+    BigId,
+    UTCDateTime,
+    in_values,
+    non_negative,
+    unit_interval,
+    utcnow,
+)
 
 TRAINING_MODES = ("centralized", "federated")
 
@@ -50,66 +55,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-# Row ids of the metric table can outgrow 32 bits; SQLite only autoincrements
-# an INTEGER primary key, so the wide type is PostgreSQL-only.
-BigId = BigInteger().with_variant(Integer, "sqlite")
-
-
-def utcnow() -> datetime:
-    """Return the current time as an aware UTC datetime."""
-    return datetime.now(UTC)
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """A timezone-aware timestamp that reads back as UTC on every database.
-
-    SQLite stores no offset, so values are normalised to UTC on the way in and
-    tagged as UTC on the way out.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(
-        self, value: datetime | None, dialect: Dialect
-    ) -> datetime | None:
-        """Normalise to UTC before storing."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: timestamps must be aware")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(
-        self, value: datetime | None, dialect: Dialect
-    ) -> datetime | None:
-        """Return an aware UTC datetime."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
-
-
-def _in(column: str, values: tuple[str, ...]) -> str:
-    quoted = ", ".join(f"'{v}'" for v in values)
-    return f"{column} IN ({quoted})"
-
-
-def _unit_interval(*columns: str) -> list[CheckConstraint]:
-    return [
-        CheckConstraint(f"{c} IS NULL OR ({c} >= 0 AND {c} <= 1)", name=f"{c}_range")
-        for c in columns
-    ]
-
-
-def _non_negative(*columns: str) -> list[CheckConstraint]:
-    return [
-        CheckConstraint(f"{c} IS NULL OR {c} >= 0", name=f"{c}_non_negative")
-        for c in columns
-    ]
 
 
 class Base(DeclarativeBase):
@@ -142,12 +87,14 @@ class Run(Base):
 
     __tablename__ = "runs"
     __table_args__ = (
-        CheckConstraint(_in("training_mode", TRAINING_MODES), name="training_mode"),
-        CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+        CheckConstraint(
+            in_values("training_mode", TRAINING_MODES), name="training_mode"
+        ),
+        CheckConstraint(in_values("status", RUN_STATUSES), name="status"),
         CheckConstraint(
             "status = 'in_progress' OR end_time IS NOT NULL", name="end_time_set"
         ),
-        *_non_negative("rounds_completed", "num_rounds", "seed"),
+        *non_negative("rounds_completed", "num_rounds", "seed"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -188,7 +135,7 @@ class Client(Base):
     __tablename__ = "clients"
     __table_args__ = (
         UniqueConstraint("run_id", "client_identifier", name="uq_clients_run_client"),
-        *_non_negative("partition_id", "num_examples"),
+        *non_negative("partition_id", "num_examples"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -222,7 +169,7 @@ class RunMetric(Base):
             "(metric_value IS NOT NULL AND NOT is_nan)",
             name="nan_flag",
         ),
-        *_non_negative("round_number", "step"),
+        *non_negative("round_number", "step"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -266,9 +213,9 @@ class ServerEvaluation(Base):
     __tablename__ = "server_evaluations"
     __table_args__ = (
         UniqueConstraint("run_id", "round_number", name="uq_server_evaluations_round"),
-        *_unit_interval("accuracy", "precision", "recall", "f1_score", "auroc"),
-        *_unit_interval("threshold"),
-        *_non_negative(
+        *unit_interval("accuracy", "precision", "recall", "f1_score", "auroc"),
+        *unit_interval("threshold"),
+        *non_negative(
             "round_number",
             "num_samples",
             "eval_seconds",
@@ -315,7 +262,7 @@ class ClientFailure(Base):
         UniqueConstraint(
             "run_id", "round_number", "node_id", name="uq_client_failures_round_node"
         ),
-        *_non_negative("round_number"),
+        *non_negative("round_number"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from persistence.bulk_copy import COPY_MIN_ROWS, copy_metrics, csv_rows
+from persistence.column_types import utcnow
 from persistence.errors import RunNotFoundError
 from persistence.models import (
     RUN_STATUSES,
@@ -26,7 +27,6 @@ from persistence.models import (
     RunMetric,
     RunStatus,
     ServerEvaluation,
-    utcnow,
 )
 
 SERVER_EVALUATION_FIELDS = (

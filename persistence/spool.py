@@ -23,8 +23,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from persistence import repositories as repo
+from persistence.column_types import utcnow
 from persistence.db import DatabaseError, get_engine, mask_url, session_scope
-from persistence.models import utcnow
 from persistence.repositories import MetricPoint
 
 log = logging.getLogger(__name__)
