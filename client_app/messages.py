@@ -10,8 +10,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from persistence.entries import points_from_columns, points_to_columns
 from persistence.repositories import MetricPoint
-from persistence.spool import points_from_columns, points_to_columns
 
 # Keys of every train reply's MetricRecord: identical on all clients, as
 # Flower's aggregation requires; a metric a client cannot compute is NaN.

@@ -22,10 +22,11 @@ from client_app.metrics import dataset_type_of
 from client_app.trainer import Callback
 from persistence import repositories as repo
 from persistence.db import default_database_url, get_engine, session_scope
+from persistence.entries import MetricBatch
 from persistence.errors import FailedRunError
 from persistence.models import RunStatus
 from persistence.repositories import MetricPoint
-from persistence.spool import SPOOL_DIRNAME, DurableWriter, MetricBatch, is_transient
+from persistence.spool import SPOOL_DIRNAME, DurableWriter, is_transient
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,11 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 from client_app.metrics import dataset_type_of
 from persistence import repositories as repo
 from persistence.db import get_engine, mask_url, session_scope
+from persistence.entries import EvaluationRecord, MetricBatch
 from persistence.repositories import MetricPoint
 from persistence.spool import (
     SPOOL_DIRNAME,
     DurableWriter,
-    EvaluationRecord,
-    MetricBatch,
     find_spool_dirs,
     is_transient,
     pending_files,

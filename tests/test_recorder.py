@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from persistence import repositories as repo
 from persistence.db import dispose_engines, get_engine, session_scope, upgrade_database
+from persistence.entries import MetricBatch
 from persistence.models import (
     Client,
     ClientFailure,
@@ -22,7 +23,7 @@ from persistence.models import (
     ServerEvaluation,
 )
 from persistence.repositories import MetricPoint
-from persistence.spool import SPOOL_DIRNAME, DurableWriter, MetricBatch, pending_files
+from persistence.spool import SPOOL_DIRNAME, DurableWriter, pending_files
 from server_app.recorder import RunRecorder, concise_reason
 
 

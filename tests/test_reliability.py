@@ -18,8 +18,9 @@ from fedpneumo.flower import descendants, kill_tree, process_alive
 from fedpneumo.reports import is_stale
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope, upgrade_database
+from persistence.entries import MetricBatch
 from persistence.models import Client, ClientFailure, Run, RunMetric, ServerEvaluation
-from persistence.spool import DurableWriter, MetricBatch
+from persistence.spool import DurableWriter
 from tests.conftest import run_cli
 from tests.faults import fault_app
 from tests.pg_server import ThrowawayPostgres

@@ -11,8 +11,9 @@ from sqlalchemy import func, select
 
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope, upgrade_database
+from persistence.entries import MetricBatch
 from persistence.models import RunMetric
-from persistence.spool import DurableWriter, MetricBatch, sync
+from persistence.spool import DurableWriter, sync
 from tests.pg_server import ThrowawayPostgres
 
 

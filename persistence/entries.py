@@ -1,0 +1,139 @@
+"""Spool entries: metric batches, evaluations, client failures, and their writes.
+
+Entries are plain JSON-able dicts with a ``kind`` and a ``batch_id``; writing
+one is idempotent, so replaying a spool file twice stores nothing new.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+from persistence import repositories as repo
+from persistence.column_types import utcnow
+from persistence.repositories import MetricPoint
+
+
+@dataclass
+class MetricBatch:
+    """Metric points of one run (and optionally one client) written together."""
+
+    run_id: int
+    points: list[MetricPoint]
+    client_identifier: str | None = None
+    partition_id: int | None = None
+    node_id: str | None = None
+    num_examples: int | None = None
+    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # When the metrics were measured: rows keep it even if written later.
+    recorded_at: str = field(default_factory=lambda: utcnow().isoformat())
+
+    def to_entry(self) -> dict[str, Any]:
+        """Return a JSON-able spool entry (points as columns: compact and fast)."""
+        entry = {f.name: getattr(self, f.name) for f in fields(self)}
+        entry["points"] = points_to_columns(self.points)
+        return {"kind": "metrics", **entry}
+
+
+@dataclass
+class EvaluationRecord:
+    """The server's evaluation of one round."""
+
+    run_id: int
+    round_number: int
+    metrics: dict[str, float]
+    eval_seconds: float | None = None
+    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_entry(self) -> dict[str, Any]:
+        """Return a JSON-able spool entry."""
+        entry = asdict(self)
+        entry["metrics"] = {k: float(v) for k, v in self.metrics.items()}
+        return {"kind": "server_evaluation", **entry}
+
+
+def points_to_columns(points: list[MetricPoint]) -> dict[str, list[Any]]:
+    """Pack metric points as parallel lists (JSON- and ConfigRecord-friendly).
+
+    Values stay floats, NaN and infinities included (Python's json writes and
+    reads them; Flower records take them); a missing round is -1, since each
+    list must hold one type.
+    """
+    return {
+        "names": [p.metric_name for p in points],
+        "values": [float(p.value) for p in points],
+        "steps": [int(p.step) for p in points],
+        "splits": [p.dataset_type for p in points],
+        "rounds": [-1 if p.round_number is None else p.round_number for p in points],
+    }
+
+
+def points_from_columns(columns: Mapping[str, Any]) -> list[MetricPoint]:
+    """Unpack metric points packed by ``points_to_columns``."""
+    return [
+        MetricPoint(
+            metric_name=name,
+            value=float(value),
+            step=int(step),
+            dataset_type=split,
+            round_number=None if int(rnd) < 0 else int(rnd),
+        )
+        for name, value, step, split, rnd in zip(
+            columns["names"],
+            columns["values"],
+            columns["steps"],
+            columns["splits"],
+            columns["rounds"],
+            strict=True,
+        )
+    ]
+
+
+def apply_entry(session: Any, entry: Mapping[str, Any]) -> int:
+    """Write one spool entry in the given session; return rows newly stored."""
+    kind = entry.get("kind")
+    if kind == "metrics":
+        client_id = None
+        if entry.get("client_identifier"):
+            client = repo.get_or_create_client(
+                session,
+                run_id=entry["run_id"],
+                client_identifier=entry["client_identifier"],
+                partition_id=entry.get("partition_id"),
+                node_id=entry.get("node_id"),
+                num_examples=entry.get("num_examples"),
+            )
+            client_id = client.id
+        points = points_from_columns(entry["points"])
+        recorded = entry.get("recorded_at")
+        return repo.add_metrics(
+            session,
+            run_id=entry["run_id"],
+            client_id=client_id,
+            points=points,
+            recorded_at=datetime.fromisoformat(recorded) if recorded else None,
+        )
+    if kind == "server_evaluation":
+        metrics = {k: float(v) for k, v in entry["metrics"].items()}
+        stored = repo.add_server_evaluation(
+            session,
+            run_id=entry["run_id"],
+            round_number=entry["round_number"],
+            metrics=metrics,
+            eval_seconds=entry.get("eval_seconds"),
+        )
+        return int(stored)
+    if kind == "client_failure":
+        stored = repo.add_client_failure(
+            session,
+            run_id=entry["run_id"],
+            round_number=entry["round_number"],
+            node_id=entry["node_id"],
+            reason=entry["reason"],
+            client_identifier=entry.get("client_identifier"),
+        )
+        return int(stored)
+    raise ValueError(f"unknown spool entry kind {kind!r}")
