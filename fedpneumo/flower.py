@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -197,7 +198,11 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-def kill_tree(pid: int, grace_s: float = 5.0) -> None:
+def kill_tree(
+    pid: int,
+    grace_s: float = 5.0,
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL),
+) -> None:
     """Terminate a process and all its descendants; SIGKILL what lingers.
 
     Descendants are collected first: Flower's SuperExec and Ray's workers run
@@ -210,10 +215,10 @@ def kill_tree(pid: int, grace_s: float = 5.0) -> None:
         victims = [*root.children(recursive=True), root]
     except psutil.NoSuchProcess:
         return
-    for send in (psutil.Process.terminate, psutil.Process.kill):
+    for sig in signals:
         for victim in victims:
             try:
-                send(victim)
+                victim.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
         deadline = time.monotonic() + grace_s
