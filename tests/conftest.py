@@ -50,6 +50,15 @@ def db_url(empty_db_url: str) -> str:
 
 
 @pytest.fixture
+def sqlite_url(tmp_path: Path) -> Iterator[str]:
+    """A migrated SQLite file, for behaviour that does not depend on the backend."""
+    url = f"sqlite:///{tmp_path / 'tracking.db'}"
+    upgrade_database(url)
+    yield url
+    dispose_engines()
+
+
+@pytest.fixture
 def engine(db_url: str) -> Engine:
     """This process's engine on a migrated database."""
     return get_engine(db_url)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from client_app.data import Split, make_synthetic
 from client_app.metrics import SERVER_EVAL_KEYS
 from client_app.trainer import load_checkpoint
 from persistence import repositories as repo
-from persistence.db import dispose_engines, get_engine, session_scope, upgrade_database
+from persistence.db import get_engine, session_scope
 from persistence.models import ServerEvaluation
 from server_app.compose import load_config
 from server_app.config import AppConfig
@@ -31,6 +30,7 @@ from server_app.events import ROUND_EVALUATED, parse_event
 from server_app.factories import build_model, model_meta
 from server_app.recorder import RunRecorder
 from server_app.strategy import make_strategy
+from tests.factories import federated_run
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +44,6 @@ def val() -> Split:
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> Iterator[str]:
-    url = f"sqlite:///{tmp_path / 'tracking.db'}"
-    upgrade_database(url)
-    yield url
-    dispose_engines()
-
-
-@pytest.fixture
 def events(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> pytest.LogCaptureFixture:
@@ -59,14 +51,6 @@ def events(
     monkeypatch.setattr(logging.getLogger("server_app.events"), "propagate", True)
     caplog.set_level(logging.INFO, logger="server_app.events")
     return caplog
-
-
-def open_run(url: str) -> int:
-    with session_scope(get_engine(url)) as db:
-        experiment = repo.get_or_create_experiment(db, name="evaluate")
-        return repo.create_run(
-            db, experiment_id=experiment.id, training_mode="federated"
-        ).id
 
 
 def model_arrays(cfg: AppConfig, seed: int) -> ArrayRecord:
@@ -106,12 +90,12 @@ def event_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
 def test_rounds_are_scored_recorded_and_checkpointed(
     cfg: AppConfig,
     val: Split,
-    url: str,
+    sqlite_url: str,
     tmp_path: Path,
     events: pytest.LogCaptureFixture,
 ) -> None:
-    run_id = open_run(url)
-    recorder = RunRecorder(url, run_id, tmp_path / "runs" / str(run_id))
+    run_id = federated_run(sqlite_url)
+    recorder = RunRecorder(sqlite_url, run_id, tmp_path / "runs" / str(run_id))
     evaluator = evaluator_for(cfg, val, recorder)
     arrays = {0: model_arrays(cfg, 0), 1: model_arrays(cfg, 1)}
 
@@ -126,7 +110,7 @@ def test_rounds_are_scored_recorded_and_checkpointed(
     aurocs = {r: float(results[r]["auroc"]) for r in results}  # type: ignore[arg-type]
     best_round = max(aurocs, key=aurocs.__getitem__)
 
-    with session_scope(get_engine(url)) as db:
+    with session_scope(get_engine(sqlite_url)) as db:
         rows = db.scalars(
             select(ServerEvaluation).order_by(ServerEvaluation.round_number)
         ).all()
@@ -170,18 +154,18 @@ def test_round_zero_writes_no_round_state(
 def test_a_resumed_run_continues_round_numbers(
     cfg: AppConfig,
     val: Split,
-    url: str,
+    sqlite_url: str,
     tmp_path: Path,
     events: pytest.LogCaptureFixture,
 ) -> None:
-    run_id = open_run(url)
-    recorder = RunRecorder(url, run_id, tmp_path / "run")
+    run_id = federated_run(sqlite_url)
+    recorder = RunRecorder(sqlite_url, run_id, tmp_path / "run")
     evaluator = evaluator_for(cfg, val, recorder, round_offset=2)
     # The initial model was evaluated before the resume.
     assert evaluator(0, model_arrays(cfg, 0)) is None
     assert evaluator(1, model_arrays(cfg, 1)) is not None
     assert recorder.replay_all(timeout_s=5) == 0
-    with session_scope(get_engine(url)) as db:
+    with session_scope(get_engine(sqlite_url)) as db:
         rounds = db.scalars(select(ServerEvaluation.round_number)).all()
         assert rounds == [3]
         assert repo.require_run(db, run_id).rounds_completed == 3
@@ -191,16 +175,16 @@ def test_a_resumed_run_continues_round_numbers(
 
 
 def test_a_better_earlier_round_keeps_its_checkpoint(
-    cfg: AppConfig, val: Split, url: str, tmp_path: Path
+    cfg: AppConfig, val: Split, sqlite_url: str, tmp_path: Path
 ) -> None:
-    run_id = open_run(url)
-    recorder = RunRecorder(url, run_id, tmp_path / "run")
+    run_id = federated_run(sqlite_url)
+    recorder = RunRecorder(sqlite_url, run_id, tmp_path / "run")
     # Resumed after a round that scored a perfect AUROC: nothing beats it.
     evaluator = evaluator_for(cfg, val, recorder, round_offset=1, best_auroc=1.0)
     evaluator(1, model_arrays(cfg, 1))
     assert not (tmp_path / "run" / BEST_MODEL).exists()
     assert load_round_state(tmp_path / "run" / ROUND_STATE)["best_auroc"] == 1.0
-    with session_scope(get_engine(url)) as db:
+    with session_scope(get_engine(sqlite_url)) as db:
         assert repo.require_run(db, run_id).checkpoint_path is None
 
 

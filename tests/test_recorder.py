@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from persistence import repositories as repo
-from persistence.db import dispose_engines, get_engine, session_scope, upgrade_database
+from persistence.db import get_engine, session_scope
 from persistence.entries import MetricBatch
 from persistence.models import (
     Client,
@@ -25,35 +24,19 @@ from persistence.models import (
 from persistence.repositories import MetricPoint
 from persistence.spool import SPOOL_DIRNAME, DurableWriter, pending_files
 from server_app.recorder import RunRecorder, concise_reason
-
-
-def open_run(url: str) -> int:
-    with session_scope(get_engine(url)) as db:
-        experiment = repo.get_or_create_experiment(db, name="recorder")
-        return repo.create_run(
-            db, experiment_id=experiment.id, training_mode="federated"
-        ).id
+from tests.factories import federated_run
 
 
 @pytest.fixture
 def recorder(db_url: str, tmp_path: Path) -> RunRecorder:
     """A recorder of a fresh run, on SQLite and on PostgreSQL."""
-    run_id = open_run(db_url)
+    run_id = federated_run(db_url)
     return RunRecorder(db_url, run_id, tmp_path / "runs" / str(run_id))
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> Iterator[str]:
-    """For behaviour that does not depend on the backend."""
-    url = f"sqlite:///{tmp_path / 'tracking.db'}"
-    upgrade_database(url)
-    yield url
-    dispose_engines()
-
-
-@pytest.fixture
 def sqlite_recorder(sqlite_url: str, tmp_path: Path) -> RunRecorder:
-    run_id = open_run(sqlite_url)
+    run_id = federated_run(sqlite_url)
     return RunRecorder(sqlite_url, run_id, tmp_path / "runs" / str(run_id))
 
 
@@ -264,7 +247,7 @@ def test_replay_all_commits_client_spools_under_the_run_folder(
 def test_a_recorder_without_a_url_records_nothing(
     sqlite_url: str, tmp_path: Path
 ) -> None:
-    run_id = open_run(sqlite_url)
+    run_id = federated_run(sqlite_url)
     recorder = RunRecorder(None, run_id, tmp_path / "run")
     assert not recorder.enabled
     recorder.record_evaluation(1, EVALUATION, seconds=0.1)

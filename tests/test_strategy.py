@@ -52,8 +52,7 @@ from client_app.messages import (
 )
 from client_app.model import build_model
 from client_app.trainer import lr_at
-from persistence import repositories as repo
-from persistence.db import dispose_engines, get_engine, session_scope, upgrade_database
+from persistence.db import get_engine, session_scope
 from persistence.errors import FailedRunError
 from persistence.models import Client, ClientFailure, RunMetric
 from persistence.repositories import MetricPoint
@@ -68,6 +67,7 @@ from server_app.strategy import (
     make_strategy,
     nan_weighted_mean,
 )
+from tests.factories import federated_run
 
 NUM_NODES = 3
 OFFSET = 2  # resumed after round 2: Flower's round 1 is the run's round 3
@@ -131,16 +131,9 @@ def federation(monkeypatch: pytest.MonkeyPatch) -> Federation:
 
 
 @pytest.fixture
-def recorder(tmp_path: Path) -> Iterator[RunRecorder]:
-    url = f"sqlite:///{tmp_path / 'tracking.db'}"
-    upgrade_database(url)
-    with session_scope(get_engine(url)) as db:
-        experiment = repo.get_or_create_experiment(db, name="strategies")
-        run_id = repo.create_run(
-            db, experiment_id=experiment.id, training_mode="federated"
-        ).id
-    yield RunRecorder(url, run_id, tmp_path / "runs" / str(run_id))
-    dispose_engines()
+def recorder(sqlite_url: str, tmp_path: Path) -> RunRecorder:
+    run_id = federated_run(sqlite_url, "strategies")
+    return RunRecorder(sqlite_url, run_id, tmp_path / "runs" / str(run_id))
 
 
 def tracked(
