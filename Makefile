@@ -18,8 +18,11 @@ install: $(STAMP) ## Create or update .venv
 run: install ## A short federated simulation on SQLite, then a run summary
 	$(BIN)/fedpneumo run $(ARGS)
 
+# Two workers: the e2e tests spend much of their time waiting on processes
+# (Flower, Ray, PostgreSQL), so two overlap well even on two cores.
+WORKERS ?= 2
 test: install lint ## The whole suite (lint, then pytest, e2e included)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup $(ARGS)
 
 test-fast: install ## The unit tier only (no Flower runs)
 	$(BIN)/python -m pytest -m "not e2e" $(ARGS)

@@ -97,12 +97,17 @@ def run_cli(
     cwd: Path | None = None,
     timeout: float = 600,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the fedpneumo CLI in a subprocess, as a user would."""
+    """Run the fedpneumo CLI in a subprocess, as a script would.
+
+    Its output is a pipe with no terminal width: the COLUMNS/LINES that a
+    test runner's workers may set are not passed on.
+    """
+    base = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     return subprocess.run(
         [sys.executable, "-m", "fedpneumo", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**base, **(env or {})},
     )
