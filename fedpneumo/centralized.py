@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,13 +14,14 @@ from client_app import model as models
 from client_app.data import DataError, XrayData, resolve_data
 from client_app.metrics_collector import MetricsCollectorCallback
 from client_app.trainer import (
+    Callback,
     FitResult,
     balanced_pos_weight,
     evaluate,
     fit,
     load_checkpoint,
 )
-from fedpneumo.progress import EpochProgress, ProgressReporter
+from fedpneumo.progress import ProgressReporter
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope, upgrade_database
 from server_app.compose import database_url, snapshot
@@ -44,6 +46,17 @@ class CentralizedResult:
     save_dir: Path
     fit: FitResult
     data: XrayData
+
+
+class EpochProgress(Callback):
+    """Trainer callback that reports epochs to a ProgressReporter."""
+
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self.reporter = reporter
+
+    def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Advance the bar by one epoch."""
+        self.reporter.advance(epoch, metrics)
 
 
 def centralized_collector(

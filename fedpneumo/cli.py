@@ -90,11 +90,13 @@ Overrides = Annotated[
 @app.command(context_settings=OVERRIDES_CONTEXT)
 def train(overrides: Overrides = None) -> None:
     """Train a centralized baseline; select on val; record one centralized run."""
-    from fedpneumo.centralized import run_centralized
-    from fedpneumo.summary import print_centralized_summary
     from server_app.compose import database_url, load_config, resolve_paths
 
     cfg = resolve_paths(load_config(overrides or []))
+    # Imported once the config is valid: a typo fails before torch loads.
+    from fedpneumo.centralized import run_centralized
+    from fedpneumo.summary import print_centralized_summary
+
     result = run_centralized(cfg)
     print_centralized_summary(console, result, database_url(cfg))
 

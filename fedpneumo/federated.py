@@ -28,8 +28,6 @@ from server_app.compose import (
 )
 from server_app.config import AppConfig, ConfigError
 from server_app.events import ROUND_EVALUATED, parse_event
-from server_app.factories import check_partitions, configured_data
-from server_app.runs import resumable_run
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +98,10 @@ def federation_config(cfg: AppConfig) -> str:
 def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
     """Compose and check everything that can fail before Flower starts."""
     cfg = resolve_paths(load_config(overrides))
+    # Imported once the config is valid: a typo fails before torch and the
+    # data stack load (about three seconds).
+    from server_app.factories import check_partitions, configured_data
+
     data = configured_data(cfg, allow_synthetic_fallback=True)
     if data.synthetic and cfg.data.path is None:
         cfg.data.path = "synthetic"  # the loud fallback, recorded in the run
@@ -241,6 +243,7 @@ def resume_session(
 ) -> SessionOutcome:
     """Continue a federated run from its last completed round."""
     from fedpneumo.reports import is_stale
+    from server_app.runs import resumable_run
 
     upgrade_database(url)
     with session_scope(get_engine(url)) as db:

@@ -18,8 +18,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from client_app.trainer import Callback
-
 log = logging.getLogger(__name__)
 
 SHOWN = ("val_auroc", "val_accuracy", "val_loss", "train_loss", "auroc", "accuracy")
@@ -89,14 +87,3 @@ class ProgressReporter:
             elapsed,
             eta,
         )
-
-
-class EpochProgress(Callback):
-    """Trainer callback that reports epochs to a ProgressReporter."""
-
-    def __init__(self, reporter: ProgressReporter) -> None:
-        self.reporter = reporter
-
-    def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Advance the bar by one epoch."""
-        self.reporter.advance(epoch, metrics)

@@ -112,11 +112,6 @@ def postgres_session(
     yield from run_session("postgres", request, data_file)
 
 
-# Tests that inspect the shared sessions run on one worker (made once).
-SHARED = pytest.mark.xdist_group("federated-sessions")
-
-
-@SHARED
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_federated_run_tracks_every_client_and_round(
     backend: str, request: pytest.FixtureRequest
@@ -208,7 +203,6 @@ def test_bad_override_stops_before_anything_starts(tmp_path: Path) -> None:
     assert not (tmp_path / "fedpneumo.db").exists()
 
 
-@SHARED
 def test_config_snapshot_has_no_password(postgres_session: Session) -> None:
     session = postgres_session
     password = make_url(session.url).password

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from client_app.messages import REPLY_METRICS
 from fedpneumo.flower import descendants, kill_tree, process_alive
 from fedpneumo.reports import is_stale
 from persistence import repositories as repo
@@ -24,7 +25,7 @@ from persistence.spool import DurableWriter
 from tests.conftest import run_cli
 from tests.faults import fault_app
 from tests.pg_server import ThrowawayPostgres
-from tests.test_federated import PER_EPOCH
+from tests.test_federated import PER_EPOCH, assert_complete_run
 
 # Every test here starts Flower or trains: the e2e tier.
 pytestmark = pytest.mark.e2e
@@ -100,11 +101,16 @@ def test_postgres_outage_mid_run_loses_nothing(
     own_pg: ThrowawayPostgres, tmp_path: Path, data_file: Path
 ) -> None:
     args = [f"data.path={data_file}", "data.limit=300", *SMALL, "num_rounds=6"]
-    reference = own_pg.create_database("reference")
-    undisturbed = run_cli(
-        "run", *args, f"outputs_dir={tmp_path / 'ref'}", env={"DATABASE_URL": reference}
-    )
-    assert undisturbed.returncode == 0, undisturbed.stderr[-3000:]
+    # What an undisturbed run of these settings stores: 3 clients x 6 rounds x
+    # PER_EPOCH client rows, one aggregate row per reply metric and round, and
+    # the server's evaluations of rounds 0..6.
+    undisturbed = {
+        "runs": 1,
+        "clients": 3,
+        "run_metrics": 3 * 6 * PER_EPOCH + 6 * len(REPLY_METRICS),
+        "server_evaluations": 7,
+        "client_failures": 0,
+    }
 
     url = own_pg.create_database("outage")
     out = tmp_path / "out"
@@ -119,7 +125,8 @@ def test_postgres_outage_mid_run_loses_nothing(
         kill_tree(proc.pid)
     assert proc.returncode == 0, output[-3000:]
     assert own_pg.password not in output
-    assert counts(url) == counts(reference)
+    assert counts(url) == undisturbed
+    assert_complete_run(get_engine(url), clients=3, rounds=6)
     keys = metric_keys(url)
     assert len(keys) == len(set(keys))
     with session_scope(get_engine(url)) as s:
@@ -130,7 +137,7 @@ def test_postgres_outage_mid_run_loses_nothing(
         synced = run_cli("sync", "--outputs", str(out), "--db", url)
         assert synced.returncode == 0, synced.stderr
         assert "0 new rows" in synced.stdout
-        assert counts(url) == counts(reference)
+        assert counts(url) == undisturbed
 
 
 def test_killed_run_resumes_in_the_same_run(

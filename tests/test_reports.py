@@ -45,9 +45,6 @@ EXPORTED = {
     "client_failures": ClientFailure,
 }
 
-# The module-scoped runs below are made once: keep these tests on one worker.
-pytestmark = pytest.mark.xdist_group("reports")
-
 
 @dataclass(frozen=True)
 class Tracked:
