@@ -67,6 +67,7 @@ class TrackingMixin:
     train_settings: dict[str, Any]
     min_success_fraction: float
     client_of_node: dict[int, str]
+    sampled: int
 
     def attach(
         self,
@@ -86,6 +87,8 @@ class TrackingMixin:
         self.round_offset = round_offset
         self.min_success_fraction = min_success_fraction
         self.client_of_node = {}
+        # Clients sampled in the current round (set by configure_train).
+        self.sampled = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -103,7 +106,7 @@ class TrackingMixin:
         )
         # Flower stamps its own round counter; clients must see the continued one.
         config["server-round"] = round_number
-        self._sampled = len(messages)
+        self.sampled = len(messages)
         return messages
 
     def aggregate_train(
@@ -125,7 +128,7 @@ class TrackingMixin:
             else:
                 self._record_reply(message)
         # Clients that never answered (timeouts) count as missing replies too.
-        sampled = max(getattr(self, "_sampled", 0), len(replies))
+        sampled = max(self.sampled, len(replies))
         needed = max(1, math.ceil(self.min_success_fraction * sampled))
         if len(ok) < needed:
             failed = [
