@@ -18,10 +18,10 @@ install: $(STAMP) ## Create or update .venv
 run: install ## A short federated simulation on SQLite, then a run summary
 	$(BIN)/fedpneumo run $(ARGS)
 
-# Two workers: the e2e tests spend much of their time waiting on processes
-# (Flower, Ray, PostgreSQL), so two overlap well even on two cores. Whole
+# Three workers: the e2e tests spend much of their time waiting on processes
+# (Flower, Ray, PostgreSQL), so they overlap well even on two cores. Whole
 # modules go to one worker, so their module-scoped runs are made once.
-WORKERS ?= 2
+WORKERS ?= 3
 test: install lint ## The whole suite (lint, then pytest, e2e included)
 	$(BIN)/python -m pytest -n $(WORKERS) --dist loadscope $(ARGS)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select, text, true
 from sqlalchemy.engine import make_url
 
 from fedpneumo.launcher import LocalSuperLink
@@ -38,31 +38,48 @@ def small_run(data_file: Path, tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def assert_complete_run(engine: Engine, clients: int, rounds: int) -> int:
-    """Assert the rows one completed federated run must have; return its id."""
+def assert_complete_run(
+    engine: Engine, clients: int, rounds: int, run_id: int | None = None
+) -> int:
+    """Assert the rows one completed federated run must have; return its id.
+
+    Without ``run_id`` the database must hold exactly this one run; with it
+    (a sweep), the checks are about that run's rows.
+    """
     with session_scope(engine) as s:
-        runs = s.scalars(select(Run)).all()
-        assert len(runs) == 1
-        run = runs[0]
+        if run_id is None:
+            runs = s.scalars(select(Run)).all()
+            assert len(runs) == 1
+            run = runs[0]
+        else:
+            run = s.get_one(Run, run_id)
         assert (run.training_mode, run.status) == ("federated", "completed")
         assert run.end_time is not None and run.rounds_completed == rounds
         assert int(run.flwr_run_id) > 0
         assert Path(run.checkpoint_path).is_file()
         assert Path(run.final_model_path).is_file()
-        client_rows = s.scalars(select(Client)).all()
+        of_run = RunMetric.run_id == run.id if run_id is not None else true()
+        client_rows = s.scalars(
+            select(Client).where(Client.run_id == run.id if run_id else true())
+        ).all()
         assert len(client_rows) == clients
         assert {c.run_id for c in client_rows} == {run.id}
         per_client = s.execute(
             select(RunMetric.client_id, RunMetric.round_number, func.count())
-            .where(RunMetric.client_id.is_not(None))
+            .where(RunMetric.client_id.is_not(None), of_run)
             .group_by(RunMetric.client_id, RunMetric.round_number)
         ).all()
         expected = {(c.id, r) for c in client_rows for r in range(1, rounds + 1)}
         assert {(c, r) for c, r, _ in per_client} == expected
         assert {n for _, _, n in per_client} == {PER_EPOCH}
-        assert s.scalar(select(func.count()).where(RunMetric.run_id != run.id)) == 0
+        # No row of this run's clients is filed under another run.
+        ids = [c.id for c in client_rows]
+        strays = RunMetric.run_id != run.id
+        if run_id is not None:
+            strays = strays & RunMetric.client_id.in_(ids)
+        assert s.scalar(select(func.count()).where(strays)) == 0
         aggregates = s.scalars(
-            select(RunMetric.round_number).where(RunMetric.client_id.is_(None))
+            select(RunMetric.round_number).where(RunMetric.client_id.is_(None), of_run)
         ).all()
         assert set(aggregates) == set(range(1, rounds + 1))
         evals = s.scalars(
@@ -85,13 +102,19 @@ class Session:
     out: Path
 
 
+# Every strategy runs a whole session in-process in tests/test_sessions.py; the
+# SQLite session sweeps two through `flwr run` and Ray: one that changes the
+# clients' loss (FedProx's proximal term) and one with server state (FedAdam).
+SWEPT = ("fedprox", "fedadam")
+
+
 def run_session(
-    backend: str, request: pytest.FixtureRequest, data_file: Path
+    backend: str, request: pytest.FixtureRequest, data_file: Path, *extra: str
 ) -> Iterator[Session]:
-    """Run a 3-client, 2-round session on a fresh database of a backend."""
+    """Run 3-client, 2-round sessions on a fresh database of a backend."""
     tmp = request.getfixturevalue("tmp_path_factory").mktemp(f"session-{backend}")
     url = make_db_url(backend, request, tmp)
-    result = run_cli(*small_run(data_file, tmp), env={"DATABASE_URL": url})
+    result = run_cli(*small_run(data_file, tmp, *extra), env={"DATABASE_URL": url})
     yield Session(result, url, tmp / "out")
     dispose_engines()
 
@@ -100,15 +123,17 @@ def run_session(
 def sqlite_session(
     request: pytest.FixtureRequest, data_file: Path
 ) -> Iterator[Session]:
-    """The shared session on SQLite."""
-    yield from run_session("sqlite", request, data_file)
+    """The shared sessions on SQLite: a sweep, one run per swept strategy."""
+    yield from run_session(
+        "sqlite", request, data_file, "-m", "strategy=" + ",".join(SWEPT)
+    )
 
 
 @pytest.fixture(scope="module")
 def postgres_session(
     request: pytest.FixtureRequest, data_file: Path
 ) -> Iterator[Session]:
-    """The shared session on PostgreSQL (the URL holds a password)."""
+    """The shared session on PostgreSQL (one run; the URL holds a password)."""
     yield from run_session("postgres", request, data_file)
 
 
@@ -121,7 +146,15 @@ def test_federated_run_tracks_every_client_and_round(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "federated run" in result.stdout and "completed" in result.stdout
     assert "round 2/2" in result.stderr  # progress lines off a terminal
-    assert_complete_run(get_engine(session.url), clients=3, rounds=2)
+    engine = get_engine(session.url)
+    if backend == "postgres":
+        assert_complete_run(engine, clients=3, rounds=2)
+        return
+    with session_scope(engine) as s:
+        run_ids = s.scalars(select(Run.id)).all()
+    assert len(run_ids) == len(SWEPT)  # one Run per session of the sweep
+    for run_id in run_ids:
+        assert_complete_run(engine, clients=3, rounds=2, run_id=run_id)
 
 
 def test_failing_server_app_marks_the_run_failed(
@@ -139,23 +172,10 @@ def test_failing_server_app_marks_the_run_failed(
         assert run.error_message == "RuntimeError: injected server fault in round 1"
 
 
-# Every strategy runs a whole session in-process in tests/test_sessions.py; here a
-# sweep proves the same through `flwr run` and Ray, with a strategy that changes
-# the clients' loss (FedProx's proximal term) and one with server state (FedAdam).
-SWEPT = ("fedprox", "fedadam")
-
-
-def test_strategy_sweep_completes_through_flower(
-    tmp_path: Path, data_file: Path
-) -> None:
-    sweep = "strategy=" + ",".join(SWEPT)
-    result = run_cli(
-        *small_run(data_file, tmp_path, "-m", sweep, "data.limit=200"),
-        timeout=1200,
-    )
+def test_strategy_sweep_completes_through_flower(sqlite_session: Session) -> None:
+    result = sqlite_session.result
     assert result.returncode == 0, result.stderr[-3000:]
-    db = f"sqlite:///{tmp_path / 'out' / 'fedpneumo.db'}"
-    with session_scope(get_engine(db)) as s:
+    with session_scope(get_engine(sqlite_session.url)) as s:
         runs = s.scalars(select(Run)).all()
         assert sorted(r.strategy for r in runs) == sorted(SWEPT)
         assert {r.status for r in runs} == {"completed"}
