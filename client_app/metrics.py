@@ -1,7 +1,6 @@
 """Binary classification metrics and threshold selection (scikit-learn based)."""
 
 import logging
-from functools import lru_cache
 
 import numpy as np
 from sklearn.metrics import (
@@ -11,41 +10,23 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from persistence.repositories import SERVER_EVALUATION_FIELDS
+from client_app.metric_keys import (
+    ACCURACY,
+    AUROC,
+    F1_SCORE,
+    FALSE_NEGATIVES,
+    FALSE_POSITIVES,
+    LOSS,
+    NUM_SAMPLES,
+    PRECISION,
+    RECALL,
+    TRUE_NEGATIVES,
+    TRUE_POSITIVES,
+)
 
 logger = logging.getLogger(__name__)
 
-LOSS = "loss"
-ACCURACY = "accuracy"
-PRECISION = "precision"
-RECALL = "recall"
-F1_SCORE = "f1_score"
-AUROC = "auroc"
-TRUE_POSITIVES = "true_positives"
-TRUE_NEGATIVES = "true_negatives"
-FALSE_POSITIVES = "false_positives"
-FALSE_NEGATIVES = "false_negatives"
-NUM_SAMPLES = "num_samples"
-
-# The headline figures of a binary classifier, in the order reports show them.
-HEADLINE_KEYS = (AUROC, ACCURACY, PRECISION, RECALL, F1_SCORE, LOSS)
-THRESHOLD = "threshold"
-# What binary_metrics measures: the server_evaluations columns but the
-# threshold, which is chosen rather than measured.
-SERVER_EVAL_KEYS = tuple(k for k in SERVER_EVALUATION_FIELDS if k != THRESHOLD)
 DEFAULT_THRESHOLD = 0.5
-SPLITS = ("train", "val", "test")
-
-
-@lru_cache(maxsize=4096)
-def dataset_type_of(metric_name: str) -> str:
-    """Return the split a metric key belongs to (``val_auroc`` -> ``val``)."""
-    prefix = metric_name.split("_", 1)[0]
-    if prefix == "final":
-        prefix = metric_name.split("_", 2)[1]
-    return prefix if prefix in SPLITS else "other"
-
-
 THRESHOLD_EPS = 1e-6
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from client_app.metrics import dataset_type_of
+from client_app.metric_keys import dataset_type_of
 from client_app.trainer import Callback
 from persistence import repositories as repo
 from persistence.db import default_database_url, get_engine, session_scope

@@ -82,9 +82,6 @@ class FitResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-LR_SCHEDULES = ("constant", "cosine")
-
-
 def lr_at(base_lr: float, schedule: str, step: int, total: int) -> float:
     """Learning rate at step (1-based) of total: constant, or cosine to 5%.
 

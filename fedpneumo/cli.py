@@ -13,7 +13,7 @@ from rich.console import Console
 
 from fedpneumo.flower import APP_DIR
 from fedpneumo.runs_cli import DbOption, runs_app
-from persistence.errors import INTERRUPTED_EXIT_CODE, FedPneumoError
+from persistence.errors import FedPneumoError
 
 app = typer.Typer(
     help="Federated pneumonia detection with Flower, tracked in SQL.",
@@ -213,6 +213,3 @@ def main() -> None:
         # One plain line, never wrapped: scripts and users grep for it.
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(INTERRUPTED_EXIT_CODE)

@@ -37,17 +37,6 @@ from fedpneumo.flower import (
 log = logging.getLogger(__name__)
 
 CONNECTION = "fedpneumo-deploy"
-# Variables that would hand a SuperNode (and so its ClientApps) the database.
-DATABASE_ENV_PREFIXES = ("DATABASE_URL", "POSTGRES_", "PG")
-
-
-def without_database(env: Mapping[str, str]) -> dict[str, str]:
-    """Return the environment with every database variable removed."""
-    return {
-        k: v
-        for k, v in env.items()
-        if not any(k.startswith(p) for p in DATABASE_ENV_PREFIXES)
-    }
 
 
 def node_config(

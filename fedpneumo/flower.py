@@ -190,10 +190,18 @@ def descendants(pid: int) -> list[int]:
         return []
 
 
+def running(process: psutil.Process) -> bool:
+    """Return True while this very process (not a reused pid) runs, zombies aside."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def process_alive(pid: int) -> bool:
     """Return True if a process exists and is not a zombie."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return running(psutil.Process(pid))
     except psutil.NoSuchProcess:
         return False
 
@@ -222,9 +230,7 @@ def kill_tree(
             except psutil.NoSuchProcess:
                 pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(
-            process_alive(v.pid) for v in victims
-        ):
+        while time.monotonic() < deadline and any(running(v) for v in victims):
             time.sleep(0.1)
     for victim in victims:  # reap our own children
         try:

@@ -17,7 +17,7 @@ from typing import Any, Final
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client_app.metrics import HEADLINE_KEYS
+from client_app.metric_keys import HEADLINE_KEYS
 from fedpneumo.export import row_dict
 from fedpneumo.flower import process_alive
 from persistence.errors import RunNotFoundError

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from client_app.metrics import HEADLINE_KEYS
+from client_app.metric_keys import HEADLINE_KEYS
 from persistence.db import mask_url
 
 HEADLINE = HEADLINE_KEYS

@@ -3,6 +3,7 @@
 Every layer raises a subclass of these (``ConfigError`` in the server's config,
 ``DataError`` in the client's data loading, ...), and the CLI maps any of them
 to one ``error: ...`` line and ``exit_code``, as the README's table says.
+Ctrl-C exits 130 (128 + SIGINT), as Typer does for an interrupted command.
 """
 
 from __future__ import annotations
@@ -36,7 +37,3 @@ class RunNotFoundError(InputError, LookupError):
     def __init__(self, run_id: int) -> None:
         super().__init__(f"run {run_id} does not exist")
         self.run_id = run_id
-
-
-# Ctrl-C: the shell's convention, 128 + SIGINT.
-INTERRUPTED_EXIT_CODE = 130

@@ -10,7 +10,7 @@ from enum import StrEnum
 
 
 class StrategyName(StrEnum):
-    """Flower strategies, by config name."""
+    """Flower strategies, by config name: the class name in lower case."""
 
     fedavg = "fedavg"
     fedprox = "fedprox"
@@ -23,22 +23,6 @@ class StrategyName(StrEnum):
     krum = "krum"
     multikrum = "multikrum"
     bulyan = "bulyan"
-
-
-# Flower's own strategy classes (flwr.serverapp.strategy), by config name.
-STRATEGY_CLASSES = {
-    "fedavg": "FedAvg",
-    "fedprox": "FedProx",
-    "fedadam": "FedAdam",
-    "fedyogi": "FedYogi",
-    "fedadagrad": "FedAdagrad",
-    "fedavgm": "FedAvgM",
-    "fedmedian": "FedMedian",
-    "fedtrimmedavg": "FedTrimmedAvg",
-    "krum": "Krum",
-    "multikrum": "MultiKrum",
-    "bulyan": "Bulyan",
-}
 
 
 class PartitionName(StrEnum):

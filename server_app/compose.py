@@ -76,11 +76,16 @@ def check_overrides(items: Sequence[str]) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(list(items))
     except OverrideParseException as exc:
-        raise ConfigError(f"cannot parse overrides {list(items)}: {exc}") from None
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot parse overrides {list(items)}: {first}") from None
     for override in parsed:
         key = override.key_or_group
         if override.is_delete():
             continue
+        if override.is_sweep_override():
+            raise ConfigError(
+                f"{override.input_line} is a sweep: run it with --multirun (-m)"
+            )
         if (CONF_DIR / key).is_dir():
             value = override.value()
             options = group_options(key)

@@ -18,7 +18,6 @@ from hydra.core.config_store import ConfigStore
 
 from persistence.errors import InputError
 from server_app.choices import (
-    STRATEGY_CLASSES,
     Backend,
     ClientWrites,
     Device,
@@ -213,7 +212,8 @@ def check_values(node: Any, prefix: str = "") -> None:
 def strategy_class(name: str) -> type:
     """Return Flower's strategy class for a config name."""
     module = importlib.import_module("flwr.serverapp.strategy")
-    return getattr(module, STRATEGY_CLASSES[name])
+    classes = {n.lower(): getattr(module, n) for n in module.__all__}
+    return classes[str(name)]
 
 
 # Set by the strategy factory itself, or meaningless for ours: not user params.

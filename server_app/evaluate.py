@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from client_app.data import Split
-from client_app.metrics import SERVER_EVAL_KEYS, THRESHOLD
+from client_app.metric_keys import SERVER_EVAL_KEYS, THRESHOLD
 from client_app.trainer import evaluate, save_checkpoint
 from server_app.config import AppConfig
 from server_app.events import emit_round

@@ -15,7 +15,7 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from client_app.metrics import dataset_type_of
+from client_app.metric_keys import dataset_type_of
 from persistence import repositories as repo
 from persistence.db import get_engine, mask_url, session_scope
 from persistence.entries import EvaluationRecord, MetricBatch

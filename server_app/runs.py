@@ -38,8 +38,10 @@ def open_run(cfg: AppConfig, url: str, context: Context, extra: dict[str, Any]) 
 def resumable_run(db: Session, run_id: int) -> Run:
     """Return a run that can be resumed, or raise naming why it cannot."""
     run = repo.require_run(db, run_id)
-    if run.training_mode != "federated" or not run.config:
+    if run.training_mode != "federated":
         raise ConfigError(f"run {run_id} is centralized; only federated runs resume")
+    if not run.config:
+        raise ConfigError(f"run {run_id} has no stored config; it cannot be resumed")
     if run.status == RunStatus.COMPLETED:
         raise ConfigError(f"run {run_id} is already completed; nothing to resume")
     return run

@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedpneumo.deploy import node_config, without_database
+from fedpneumo.deploy import node_config
 from fedpneumo.flower import (
     flower_bin,
     flower_env,
@@ -17,6 +17,18 @@ from fedpneumo.flower import (
     kill_tree,
     wait_healthy,
 )
+
+# Variables that would hand a SuperNode (and so its ClientApps) the database.
+DATABASE_ENV_PREFIXES = ("DATABASE_URL", "POSTGRES_", "PG")
+
+
+def without_database(env: Mapping[str, str]) -> dict[str, str]:
+    """Return the environment with every database variable removed."""
+    return {
+        k: v
+        for k, v in env.items()
+        if not any(k.startswith(p) for p in DATABASE_ENV_PREFIXES)
+    }
 
 
 class NativeDeployment:

@@ -69,6 +69,8 @@ def test_strategy_group_mirrors_flower() -> None:
             "strategy.params.mu=1 is invalid; FedProx accepts:",
         ),
         ("'unbalanced=quote", "cannot parse overrides"),
+        ("seed=1)", "cannot parse overrides"),
+        ("strategy=fedavg,fedprox", "is a sweep: run it with --multirun (-m)"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides: str, message: str) -> None:

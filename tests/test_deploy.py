@@ -23,16 +23,16 @@ import yaml
 from sqlalchemy import func, select, text
 
 from client_app.messages import REPLY_METRICS
-from fedpneumo.deploy import (
-    DATABASE_ENV_PREFIXES,
-    node_config,
-    without_database,
-)
+from fedpneumo.deploy import node_config
 from fedpneumo.flower import STARTED, descendants, process_alive
 from persistence.db import get_engine, session_scope
 from persistence.models import Client, Run, RunMetric, ServerEvaluation
 from tests.conftest import REPO_ROOT, run_cli
-from tests.deployment import NativeDeployment
+from tests.deployment import (
+    DATABASE_ENV_PREFIXES,
+    NativeDeployment,
+    without_database,
+)
 from tests.pg_server import ThrowawayPostgres
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from sqlalchemy import select
 
 from client_app.data import Split, make_synthetic
-from client_app.metrics import SERVER_EVAL_KEYS
+from client_app.metric_keys import SERVER_EVAL_KEYS
 from client_app.trainer import load_checkpoint
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope

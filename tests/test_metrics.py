@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from client_app.metrics import (
-    AUROC,
-    SERVER_EVAL_KEYS,
-    binary_metrics,
-    youden_threshold,
-)
+from client_app.metric_keys import AUROC, SERVER_EVAL_KEYS
+from client_app.metrics import binary_metrics, youden_threshold
 
 LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 1, 0, 1])
 PROBS = np.array([0.9, 0.8, 0.4, 0.6, 0.3, 0.7, 0.1, 0.55, 0.5, 0.2])

@@ -20,7 +20,7 @@ from client_app.app import app as client_app
 from client_app.app import train
 from persistence.db import dispose_engines, get_engine, session_scope
 from persistence.models import ClientFailure, Run, ServerEvaluation
-from server_app.config import STRATEGY_CLASSES
+from server_app.choices import StrategyName
 from server_app.federation import run_session
 from server_app.strategy import TooFewRepliesError
 from tests.loopback import RUN_ID, LoopbackGrid, serverapp_identity
@@ -54,7 +54,7 @@ def session(
     return f"sqlite:///{out / 'fedpneumo.db'}"
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGY_CLASSES))
+@pytest.mark.parametrize("strategy", sorted(StrategyName))
 def test_every_strategy_completes_a_session(
     strategy: str, tmp_path: Path, data_file: Path
 ) -> None:

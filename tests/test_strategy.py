@@ -56,8 +56,9 @@ from persistence.db import get_engine, session_scope
 from persistence.errors import FailedRunError
 from persistence.models import Client, ClientFailure, RunMetric
 from persistence.repositories import MetricPoint
+from server_app.choices import StrategyName
 from server_app.compose import load_config
-from server_app.config import STRATEGY_CLASSES, AppConfig, strategy_class
+from server_app.config import AppConfig, strategy_class
 from server_app.factories import instructions
 from server_app.recorder import RunRecorder
 from server_app.strategy import (
@@ -255,11 +256,11 @@ def aggregate_rows(recorder: RunRecorder) -> list[RunMetric]:
 # Every strategy -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGY_CLASSES))
+@pytest.mark.parametrize("name", sorted(StrategyName))
 def test_make_strategy_subclasses_flowers_class(name: str) -> None:
     cfg = load_config([f"strategy={name}"])
     strategy = make_strategy(cfg, num_nodes=NUM_NODES)
-    assert type(strategy).__name__ == f"Tracked{STRATEGY_CLASSES[name]}"
+    assert type(strategy).__name__ == f"Tracked{strategy_class(name).__name__}"
     assert isinstance(strategy, strategy_class(name))
     assert isinstance(strategy, TrackingMixin)
     for key, value in cfg.strategy.params.items():
@@ -270,7 +271,7 @@ def test_make_strategy_subclasses_flowers_class(name: str) -> None:
     assert strategy.train_metrics_aggr_fn is nan_weighted_mean
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGY_CLASSES))
+@pytest.mark.parametrize("name", sorted(StrategyName))
 def test_a_round_through_every_strategy(
     name: str, recorder: RunRecorder, federation: Federation
 ) -> None:
