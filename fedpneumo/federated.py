@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 
 from fedpneumo.flower import APP_DIR, FlowerOutcome
 from fedpneumo.launcher import LocalSuperLink
@@ -62,7 +63,13 @@ def override_key(override: str) -> str:
 
 def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     """Expand Hydra sweep syntax (``a=1,2 b=x,y``) into one override list per run."""
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"cannot parse overrides {list(overrides)}: {first}"
+        ) from None
     choices = []
     for override, text in zip(parsed, overrides, strict=True):
         if override.is_sweep_override():
