@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -17,7 +16,9 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client_app.data import Split
 from client_app.messages import (
+    COUNTS_RECORD,
     INFO_RECORD,
     RELAY_RECORD,
     TrainInstructions,
@@ -27,7 +28,7 @@ from client_app.messages import (
 from client_app.metrics_collector import MetricsCollectorCallback
 from client_app.model import build_model
 from client_app.partition import PartitionSpec, client_split
-from client_app.trainer import TrainSettings, balanced_pos_weight, fit
+from client_app.trainer import TrainSettings, fit
 from persistence.db import database_url_from_env
 from persistence.errors import InputError
 
@@ -73,7 +74,7 @@ def make_collector(
 
 
 def train_settings(
-    ins: TrainInstructions, partition_id: int, train_labels: np.ndarray, mu: float
+    ins: TrainInstructions, partition_id: int, mu: float
 ) -> TrainSettings:
     """Return the trainer's settings for this round on this client."""
     return TrainSettings(
@@ -82,8 +83,8 @@ def train_settings(
         lr=ins.lr,
         optimizer=ins.optimizer,
         weight_decay=ins.weight_decay,
-        # Weighted by this client's own training labels (never validation's).
-        pos_weight=balanced_pos_weight(train_labels) if ins.class_weighting else None,
+        # From every client's training label counts (never validation's).
+        pos_weight=ins.pos_weight or None,
         proximal_mu=mu,
         augment=ins.augment,
         device=ins.device,
@@ -92,19 +93,37 @@ def train_settings(
     )
 
 
+def local_data(ins: TrainInstructions, context: Context) -> tuple[Split, Split]:
+    """Return this hospital's (train, local validation) data."""
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    # A SuperNode may hold its own copy of the data (--node-config data-path=...).
+    data_path = str(context.node_config.get("data-path") or ins.data_path)
+    spec = PartitionSpec.from_instructions(ins, num_partitions, data_path)
+    return client_split(spec, partition_id)
+
+
+@app.query()
+def label_counts(msg: Message, context: Context) -> Message:
+    """Report how many negative and positive training images this client holds.
+
+    Counts only: the server sums them into the positive-class weight that
+    every client uses, so the loss is weighted the same everywhere.
+    """
+    ins = TrainInstructions.from_config(msg.content["config"])
+    train_split, _ = local_data(ins, context)
+    positives = int(train_split.labels.sum())
+    counts = {"negatives": len(train_split) - positives, "positives": positives}
+    return Message(RecordDict({COUNTS_RECORD: MetricRecord(counts)}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this hospital's partition."""
     ins = TrainInstructions.from_config(msg.content["config"])
     partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
     torch.set_num_threads(max(ins.num_threads, 1))
-
-    # A SuperNode may hold its own copy of the data (--node-config data-path=...).
-    data_path = str(context.node_config.get("data-path") or ins.data_path)
-    train_split, val_split = client_split(
-        PartitionSpec.from_instructions(ins, num_partitions, data_path), partition_id
-    )
+    train_split, val_split = local_data(ins, context)
     model = build_model(
         ins.model_name,
         width=ins.model_width,
@@ -114,7 +133,7 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     collector = make_collector(ins, context, partition_id, len(train_split))
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    settings = train_settings(ins, partition_id, train_split.labels, mu)
+    settings = train_settings(ins, partition_id, mu)
     result = fit(model, train_split, val_split, settings, callbacks=[collector])
 
     content = RecordDict(

@@ -25,6 +25,8 @@ REPLY_METRICS = (
 )
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key, kept as Flower spells it
 INFO_RECORD = "info"
+# A query reply: how many negative and positive training images a client holds.
+COUNTS_RECORD = "label-counts"
 RELAY_RECORD = "relay"
 
 
@@ -39,8 +41,9 @@ class TrainInstructions:
     lr: float
     optimizer: str
     weight_decay: float
-    # Weight positives by the client's own training labels (neg/pos).
-    class_weighting: bool
+    # Weight of the positive class: negatives/positives over every client's
+    # training labels (the counts they report before round 1); 0 = unweighted.
+    pos_weight: float
     augment: bool
     device: str
     seed: int

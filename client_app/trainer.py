@@ -114,8 +114,12 @@ def seed_everything(seed: int) -> None:
 def balanced_pos_weight(labels: np.ndarray) -> float | None:
     """Return n_negative / n_positive, or None when a class is absent."""
     positives = int(labels.sum())
-    negatives = int(len(labels) - positives)
-    if positives == 0 or negatives == 0:
+    return pos_weight_from_counts(len(labels) - positives, positives)
+
+
+def pos_weight_from_counts(negatives: int, positives: int) -> float | None:
+    """Return negatives / positives, or None when a class is absent."""
+    if positives <= 0 or negatives <= 0:
         return None
     return negatives / positives
 

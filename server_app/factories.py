@@ -68,7 +68,9 @@ def train_settings(cfg: AppConfig, **overrides: Any) -> TrainSettings:
     return TrainSettings(**values)
 
 
-def instructions(cfg: AppConfig, run_id: int, url: str | None) -> TrainInstructions:
+def instructions(
+    cfg: AppConfig, run_id: int, url: str | None, pos_weight: float | None = None
+) -> TrainInstructions:
     """Return the settings every client receives each round.
 
     A URL that holds a password is never sent: such clients use their own
@@ -84,7 +86,7 @@ def instructions(cfg: AppConfig, run_id: int, url: str | None) -> TrainInstructi
         lr=cfg.train.lr,
         optimizer=str(cfg.train.optimizer),
         weight_decay=cfg.train.weight_decay,
-        class_weighting=cfg.train.class_weighting,
+        pos_weight=pos_weight or 0.0,
         augment=cfg.data.augment,
         device=str(cfg.train.device),
         seed=cfg.seed,

@@ -9,11 +9,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 
-from client_app.trainer import seed_everything
+from client_app.messages import COUNTS_RECORD
+from client_app.trainer import pos_weight_from_counts, seed_everything
 from persistence.db import mask_url, upgrade_database
+from persistence.errors import FailedRunError
 from persistence.models import RunStatus
 from server_app.compose import database_url, load_config, resolve_paths
 from server_app.config import AppConfig, ConfigError, partition_label
@@ -25,7 +34,7 @@ from server_app.factories import (
     instructions,
     model_meta,
 )
-from server_app.recorder import RunRecorder
+from server_app.recorder import RunRecorder, concise_reason
 from server_app.runs import open_run, resume_state
 from server_app.strategy import make_strategy
 
@@ -150,6 +159,39 @@ def run_session(grid: Grid, context: Context) -> None:
     log.info("federated run %d completed", run_id)
 
 
+def global_pos_weight(
+    grid: Grid, config: dict[str, Any], timeout_s: float = ROUND_TIMEOUT_S
+) -> float | None:
+    """Ask every client for its training label counts; return negatives/positives.
+
+    Only counts leave the hospitals. A client that cannot answer is left out
+    (it would fail its rounds too); with no answer at all the run fails.
+    """
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord(config)}),
+            dst_node_id=node_id,
+            message_type=MessageType.QUERY,
+        )
+        for node_id in grid.get_node_ids()
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    counts = [r.content[COUNTS_RECORD] for r in replies if not r.has_error()]
+    if not counts:
+        reasons = "; ".join(concise_reason(r.error.reason) for r in replies)
+        raise FailedRunError(f"no client reported its label counts: {reasons}")
+    negatives = sum(int(c["negatives"]) for c in counts)
+    positives = sum(int(c["positives"]) for c in counts)
+    log.info(
+        "label counts from %d of %d clients: %d negative, %d positive",
+        len(counts),
+        len(messages),
+        negatives,
+        positives,
+    )
+    return pos_weight_from_counts(negatives, positives)
+
+
 def _train(
     cfg: AppConfig,
     grid: Grid,
@@ -165,10 +207,14 @@ def _train(
     offset = int(state.get("round", 0))
     if state:
         model.load_state_dict(state["state_dict"])
+    settings = instructions(cfg, recorder.run_id, url).to_config()
+    if cfg.train.class_weighting:
+        pos_weight = global_pos_weight(grid, settings)
+        settings = instructions(cfg, recorder.run_id, url, pos_weight).to_config()
     strategy = make_strategy(cfg, num_nodes)
     strategy.attach(
         recorder,
-        instructions(cfg, recorder.run_id, url).to_config(),
+        settings,
         round_offset=offset,
         min_success_fraction=cfg.strategy.min_success_fraction,
         lr_schedule=str(cfg.train.lr_schedule),

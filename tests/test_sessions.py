@@ -11,17 +11,21 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from sqlalchemy import select
 
 from client_app.app import app as client_app
-from client_app.app import train
+from client_app.app import label_counts, train
+from client_app.partition import PartitionSpec, client_split
 from persistence.db import dispose_engines, get_engine, session_scope
 from persistence.models import ClientFailure, Run, ServerEvaluation
 from server_app.choices import StrategyName
-from server_app.federation import run_session
+from server_app.compose import load_config, resolve_paths
+from server_app.factories import instructions
+from server_app.federation import global_pos_weight, run_session
 from server_app.strategy import TooFewRepliesError
 from tests.loopback import RUN_ID, LoopbackGrid, serverapp_identity
 
@@ -84,6 +88,7 @@ def failing_client(partition_id: int, server_round: int) -> ClientApp:
 
     app = ClientApp(mods=[fail])
     app.train()(train)
+    app.query()(label_counts)
     return app
 
 
@@ -116,3 +121,25 @@ def test_too_few_replies_fail_the_session_with_the_reason(
         assert "TooFewRepliesError: round 1: only 2 of 3" in run.error_message
         assert "injected fault in round 1" in run.error_message
     dispose_engines()
+
+
+def test_clients_report_label_counts_for_one_global_class_weight(
+    tmp_path: Path, data_file: Path
+) -> None:
+    cfg = resolve_paths(
+        load_config(
+            [
+                f"data.path={data_file}",
+                "data.limit=200",
+                f"simulation.num_supernodes={NUM_NODES}",
+            ]
+        )
+    )
+    ins = instructions(cfg, run_id=1, url=None)
+    grid = LoopbackGrid(client_app, NUM_NODES)
+    with serverapp_identity():
+        weight = global_pos_weight(grid, ins.to_config())
+    spec = PartitionSpec.from_instructions(ins, NUM_NODES, str(data_file))
+    labels = np.concatenate([client_split(spec, i)[0].labels for i in range(3)])
+    assert weight == pytest.approx((labels == 0).sum() / (labels == 1).sum())
+    assert 0.2 < weight < 0.6  # about 26 % normal images: neg/pos near 0.35

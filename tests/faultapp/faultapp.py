@@ -17,7 +17,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from client_app.app import train
+from client_app.app import label_counts, train
 from server_app.federation import run_session
 
 SPEC_FILE = Path(__file__).with_name("fault_spec.json")
@@ -39,6 +39,7 @@ def failing_clients(
 
 client = ClientApp(mods=[failing_clients])
 client.train()(train)
+client.query()(label_counts)
 server = ServerApp()
 
 
