@@ -12,9 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import OverrideParseException
-
 from fedpneumo.flower import APP_DIR, FlowerOutcome
 from fedpneumo.launcher import LocalSuperLink
 from fedpneumo.progress import ProgressReporter
@@ -25,6 +22,7 @@ from server_app.compose import (
     config_from_snapshot,
     database_url,
     load_config,
+    parse_overrides,
     resolve_paths,
 )
 from server_app.config import AppConfig, ConfigError
@@ -63,13 +61,7 @@ def override_key(override: str) -> str:
 
 def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     """Expand Hydra sweep syntax (``a=1,2 b=x,y``) into one override list per run."""
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except OverrideParseException as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(
-            f"cannot parse overrides {list(overrides)}: {first}"
-        ) from None
+    parsed = parse_overrides(overrides)
     choices = []
     for override, text in zip(parsed, overrides, strict=True):
         if override.is_sweep_override():

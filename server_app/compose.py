@@ -16,6 +16,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -71,14 +72,18 @@ def _check_key(key: str) -> None:
         raise ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def check_overrides(items: Sequence[str]) -> None:
-    """Check override keys and group options before Hydra composes them."""
+def parse_overrides(items: Sequence[str]) -> list[Override]:
+    """Parse Hydra overrides; a syntax error is one line naming them."""
     try:
-        parsed = OverridesParser.create().parse_overrides(list(items))
+        return OverridesParser.create().parse_overrides(list(items))
     except OverrideParseException as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(f"cannot parse overrides {list(items)}: {first}") from None
-    for override in parsed:
+
+
+def check_overrides(items: Sequence[str]) -> None:
+    """Check override keys and group options before Hydra composes them."""
+    for override in parse_overrides(items):
         key = override.key_or_group
         if override.is_delete():
             continue

@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -207,14 +208,14 @@ def _train(
     offset = int(state.get("round", 0))
     if state:
         model.load_state_dict(state["state_dict"])
-    settings = instructions(cfg, recorder.run_id, url).to_config()
+    ins = instructions(cfg, recorder.run_id, url)
     if cfg.train.class_weighting:
-        pos_weight = global_pos_weight(grid, settings)
-        settings = instructions(cfg, recorder.run_id, url, pos_weight).to_config()
+        pos_weight = global_pos_weight(grid, ins.to_config())
+        ins = replace(ins, pos_weight=pos_weight or 0.0)
     strategy = make_strategy(cfg, num_nodes)
     strategy.attach(
         recorder,
-        settings,
+        ins.to_config(),
         round_offset=offset,
         min_success_fraction=cfg.strategy.min_success_fraction,
         lr_schedule=str(cfg.train.lr_schedule),
