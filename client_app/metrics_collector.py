@@ -102,6 +102,7 @@ class MetricsCollectorCallback(Callback):
         self.relay_batches: list[MetricBatch] = []
         self.records: list[dict[str, Any]] = []
         self._owns_run = False
+        self._epochs_done = 0
         self._run_checked = False
         self._writer: DurableWriter | None = None
 
@@ -199,16 +200,42 @@ class MetricsCollectorCallback(Callback):
     ) -> None:
         assert self.run_id is not None
         with self._engine_session() as db:
+            # The epoch count again: a per-epoch update may have met a
+            # database that was down.
+            fields: dict[str, Any] = {"rounds_completed": self._epochs_done}
             if checkpoint:
-                repo.update_run(db, run_id=self.run_id, checkpoint_path=str(checkpoint))
+                fields["checkpoint_path"] = str(checkpoint)
+            repo.update_run(db, run_id=self.run_id, **fields)
             repo.finish_run(db, run_id=self.run_id, status=status, error_message=error)
         self._owns_run = False
 
     # Metrics -----------------------------------------------------------------
 
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Record one epoch's metrics: files always, database in one batch."""
+        """Record one epoch's metrics: files always, database in one batch.
+
+        A centralized run this collector created also gets its progress:
+        ``rounds_completed`` counts its completed epochs (``num_rounds`` holds
+        the planned epochs), so ``runs list`` shows how far it is.
+        """
         self._record(epoch, metrics)
+        if self._owns_run:
+            self._epochs_done = max(self._epochs_done, int(epoch))
+            self._update_progress()
+
+    def _update_progress(self) -> None:
+        assert self.run_id is not None
+        try:
+            with self._engine_session() as db:
+                repo.update_run(
+                    db, run_id=self.run_id, rounds_completed=self._epochs_done
+                )
+        except Exception as exc:
+            # Progress is not worth failing training for: the metrics wait in
+            # the spool, and the next epoch or the run's end writes it again.
+            if not is_transient(exc):
+                raise
+            log.warning("cannot record epoch %d now: %s", self._epochs_done, exc)
 
     def _record(self, step: int, metrics: Mapping[str, float]) -> None:
         points = [

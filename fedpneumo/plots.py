@@ -7,16 +7,21 @@ global backend state is touched and nothing needs a display.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from matplotlib import rcParams
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from fedpneumo.reports import ClientReport, RunReport
+from fedpneumo.output_files import check_output_folder, write_atomically
+from fedpneumo.reports import MISSING, ClientReport, RunReport, config_differences
+from persistence.errors import InputError
 
 # Fixed size and resolution: the PNG is always 1200 x 800 pixels.
 FIGSIZE_IN = (12.0, 8.0)
@@ -29,6 +34,51 @@ SERVER_PANELS = (
 )
 CLIENT_PANEL_TITLE = "Train loss: thin = one client, dashed = centralized"
 CLIENT_PANEL_YLABEL = "train BCE loss (last local epoch)"
+# Config keys left out of the legend: bookkeeping that does not change the
+# model, or facts the label already states (strategy, partition, synthetic).
+LEGEND_SKIPPED_KEYS = (
+    "outputs_dir",
+    "db.",
+    "tracking.",
+    "synthetic",
+    "data_source",
+    "strategy.name",
+    "partition.name",
+    "partition.alpha",
+    "partition.classes_per_client",
+)
+LEGEND_MAX_KEYS = 4
+LEGEND_MAX_VALUE_CHARS = 16
+
+
+def plot_formats() -> list[str]:
+    """Return the file extensions ``runs plot`` can write (Agg's savefig formats).
+
+    PGF is left out unless its TeX program is installed: without it matplotlib
+    fails halfway through the file.
+    """
+    formats = set(FigureCanvasAgg(Figure()).get_supported_filetypes())
+    if not shutil.which(str(rcParams["pgf.texsystem"])):
+        formats.discard("pgf")
+    return sorted(formats)
+
+
+def check_plot_path(path: Path) -> str:
+    """Return the image format of ``path`` from its extension, checked early.
+
+    Raises:
+        InputError: an extension savefig cannot write, or its folder is missing.
+    """
+    fmt = path.suffix.lower().removeprefix(".")
+    formats = plot_formats()
+    if fmt not in formats:
+        given = f"extension .{fmt}" if fmt else "no extension"
+        raise InputError(
+            f"--output {path} has {given}; use one of "
+            + ", ".join(f".{f}" for f in formats)
+        )
+    check_output_folder(path)
+    return fmt
 
 
 def x_label(runs: Sequence[RunReport]) -> str:
@@ -113,11 +163,50 @@ def make_figure(
         Line2D([], [], color=f"C{i % 10}", linestyle=_style(r), marker="o")
         for i, r in enumerate(runs)
     ]
-    labels = [r.label + ("" if r.mode == "federated" else " (epochs)") for r in runs]
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(runs), 3))
+    labels = legend_labels(runs)
+    # Long labels (config differences) get fewer columns so they fit the width.
+    longest = max((len(label) for label in labels), default=1)
+    ncols = max(1, min(len(runs), 3, 150 // (longest + 6)))
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols)
     ids = ", ".join(str(r.id) for r in runs)
     fig.suptitle(f"fedpneumo learning curves: run{'s' * (len(runs) > 1)} {ids}")
     return fig
+
+
+def _legend_value(value: Any) -> str:
+    if value is MISSING:
+        return "-"
+    text = str(value)
+    if "/" in text:
+        text = Path(text).name or text  # a path: its last part tells runs apart
+    if len(text) > LEGEND_MAX_VALUE_CHARS:
+        text = text[: LEGEND_MAX_VALUE_CHARS - 1] + "\u2026"
+    return text
+
+
+def legend_labels(runs: Sequence[RunReport]) -> list[str]:
+    """Return one legend label per run: id, setup, data tag, config differences.
+
+    Only the config keys whose values differ between the plotted runs are
+    shown, at most ``LEGEND_MAX_KEYS`` of them, so that two runs with the same
+    strategy and partition can still be told apart.
+    """
+    diffs = {
+        key: values
+        for key, values in config_differences([r.config for r in runs]).items()
+        if not key.startswith(LEGEND_SKIPPED_KEYS)
+    }
+    labels = []
+    for i, run in enumerate(runs):
+        label = run.label + ("" if run.mode == "federated" else " (epochs)")
+        if run.synthetic:
+            label += " (synthetic)"
+        shown = [f"{k}={_legend_value(v[i])}" for k, v in diffs.items()]
+        if len(shown) > LEGEND_MAX_KEYS:
+            more = len(shown) - LEGEND_MAX_KEYS + 1
+            shown = [*shown[: LEGEND_MAX_KEYS - 1], f"+{more} more"]
+        labels.append(label + (": " + ", ".join(shown) if shown else ""))
+    return labels
 
 
 def plot_runs(
@@ -125,5 +214,11 @@ def plot_runs(
     clients: Mapping[int, Sequence[ClientReport]],
     path: Path,
 ) -> None:
-    """Write the learning curves of runs to an image file (PNG: 1200x800 px)."""
-    make_figure(runs, clients).savefig(path, dpi=DPI)
+    """Write the learning curves of runs to an image file (PNG: 1200x800 px).
+
+    The format follows the extension (``plot_formats``); a file that cannot
+    be written raises InputError and leaves no partial file.
+    """
+    fmt = check_plot_path(path)
+    figure = make_figure(runs, clients)
+    write_atomically(path, lambda fh: figure.savefig(fh, format=fmt, dpi=DPI))

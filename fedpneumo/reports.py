@@ -37,6 +37,8 @@ TRAIN_LOSS = "train_loss"
 VAL_AUROC = "val_auroc"
 # Server evaluation columns; centralized runs log them per epoch as ``val_<name>``.
 CURVE_FIELDS = HEADLINE_KEYS
+# Curve fields whose best value is the lowest; every other one is best highest.
+LOWER_IS_BETTER = frozenset({"loss", TRAIN_LOSS})
 
 
 def is_stale(run: Run, *, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:
@@ -96,6 +98,29 @@ class RunReport:
         """Return the round or epoch with the highest validation AUROC."""
         scored = [p for p in self.curve if _number(p.auroc)]
         return max(scored, key=lambda p: p.auroc or 0.0, default=None)
+
+    def best_of(self, key: str) -> CurvePoint | None:
+        """Return the round or epoch with the best value of one curve field.
+
+        Lowest for losses (``LOWER_IS_BETTER``), highest otherwise; the first
+        such point on ties; None when no point has a number for it.
+        """
+        scored = [p for p in self.curve if _number(getattr(p, key))]
+        if key in LOWER_IS_BETTER:
+            return min(scored, key=lambda p: getattr(p, key), default=None)
+        return max(scored, key=lambda p: getattr(p, key), default=None)
+
+    @property
+    def synthetic(self) -> bool:
+        """Return True for a run trained on generated toy data, not X-rays.
+
+        The config's ``synthetic`` flag says so; ``data.path: synthetic`` too,
+        for a config stored without the flag.
+        """
+        config = self.config
+        data = config.get("data")
+        path = data.get("path") if isinstance(data, Mapping) else None
+        return config.get("synthetic") is True or path == "synthetic"
 
     @property
     def final(self) -> CurvePoint | None:
@@ -169,10 +194,11 @@ def _report(run: Run, experiment: str, curve: list[CurvePoint]) -> RunReport:
         end = run.end_time
     else:
         end = (run.heartbeat_at or run.start_time) if stale else datetime.now(UTC)
-    if run.training_mode == "federated":
-        done = run.rounds_completed
-    else:
-        done = sum(p.train_loss is not None for p in curve)
+    done = run.rounds_completed
+    if run.training_mode != "federated":
+        # Runs recorded before centralized runs kept rounds_completed up to
+        # date have 0 there: their epochs with a train loss still count.
+        done = max(done, sum(p.train_loss is not None for p in curve))
     return RunReport(
         id=run.id,
         experiment=experiment,

@@ -20,6 +20,7 @@ from fedpneumo.tables import (
     fmt_duration,
     fmt_rounds,
     make_console,
+    mode_cell,
     point_cell,
     step_name,
 )
@@ -63,7 +64,10 @@ def list_runs(
     ] = None,
     db: DbOption = None,
 ) -> None:
-    """List runs: status (stale = dead in-progress), progress, best val AUROC."""
+    """List runs: status (stale = dead in-progress), progress, best val AUROC.
+
+    Runs on generated toy data show ``(synthetic)`` after their mode.
+    """
     from fedpneumo.reports import load_runs
     from persistence.db import mask_url
     from persistence.readonly import read_session
@@ -86,7 +90,7 @@ def list_runs(
         table.add_row(
             str(r.id),
             r.experiment,
-            r.mode,
+            mode_cell(r),
             r.strategy or "-",
             r.partition or "-",
             r.status,
@@ -132,7 +136,10 @@ def compare(
 ) -> None:
     """Compare runs side by side: best and final val metrics, config differences.
 
-    Best is the round/epoch with the highest val AUROC; final is the last one.
+    Each "best" metric is that metric's own best over all rounds/epochs: the
+    lowest for losses, the highest for the others. "best-AUROC round / epoch"
+    is the one with the highest val AUROC (the model a run keeps); final is
+    the last one.
     """
     from fedpneumo.reports import MISSING, config_differences, load_runs
     from persistence.readonly import read_session
@@ -146,18 +153,23 @@ def compare(
     for r in reports:
         table.add_column(f"run {r.id}", justify="right")
     rows: list[tuple[str, list[str]]] = [
-        ("mode", [r.mode for r in reports]),
+        ("mode", [mode_cell(r) for r in reports]),
         ("strategy", [r.strategy or "-" for r in reports]),
         ("partition", [r.partition or "-" for r in reports]),
         ("status", [r.status for r in reports]),
         ("rounds / epochs", [fmt_rounds(r) for r in reports]),
         ("duration", [fmt_duration(r.duration_s) for r in reports]),
     ]
-    for which in ("best", "final"):
-        points = [getattr(r, which) for r in reports]
-        rows.append((f"{which} round / epoch", [_step(p) for p in points]))
-        for key, header in CURVE_COLUMNS:
-            rows.append((f"{which} {header}", [point_cell(p, key) for p in points]))
+    rows.append(("best-AUROC round / epoch", [_step(r.best) for r in reports]))
+    for key, header in CURVE_COLUMNS:
+        # Each metric's own best: the loss at the best-AUROC round is not
+        # the best loss, and a column called best must not say otherwise.
+        best = [point_cell(r.best_of(key), key) for r in reports]
+        rows.append((f"best {header}", best))
+    finals = [r.final for r in reports]
+    rows.append(("final round / epoch", [_step(p) for p in finals]))
+    for key, header in CURVE_COLUMNS:
+        rows.append((f"final {header}", [point_cell(p, key) for p in finals]))
     for name, cells in rows:
         table.add_row(name, *cells)
     console = make_console()
@@ -184,22 +196,27 @@ def _json(value: Any) -> str:
 def plot(
     run_ids: Annotated[list[int], typer.Argument(help="One or more run ids.")],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="PNG file to write (1200x800 px).")
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Image file to write (1200x800 px); its extension picks the "
+            "format: .png, .pdf, .svg, ... (any that matplotlib's Agg writes).",
+        ),
     ],
     db: DbOption = None,
 ) -> None:
     """Plot learning curves: val AUROC, accuracy, loss and client train loss.
 
-    Runs share the axes; centralized runs are dashed, against epochs.
+    Runs share the axes; centralized runs are dashed, against epochs. The
+    legend names each run with the config keys that differ between the runs.
     """
-    from fedpneumo.plots import plot_runs
+    from fedpneumo.plots import check_plot_path, plot_runs
     from fedpneumo.reports import load_clients, load_runs
     from persistence.readonly import read_session
 
-    if not output.parent.is_dir():
-        raise typer.BadParameter(
-            f"folder {output.parent} does not exist", param_hint="--output"
-        )
+    # Before reading the database: a bad path fails at once.
+    check_plot_path(output)
     with read_session(_url(db)) as session:
         reports = load_runs(session, run_ids)
         clients = load_clients(session, run_ids)
@@ -230,15 +247,21 @@ def export(
     other columns are the union of those tables' columns, in that order,
     empty where the row's table lacks the column or the value is NULL.
     Floats keep full precision, booleans are true/false, runs.config is JSON.
+
+    The output's folder must exist; the file is written whole or not at all.
     """
     from fedpneumo.export import csv_text, export_run, json_text
+    from fedpneumo.output_files import check_output_folder, write_atomically
     from persistence.readonly import read_session
 
+    if output is not None:
+        check_output_folder(output)  # before reading: a bad path fails at once
     with read_session(_url(db)) as session:
         tables = export_run(session, run_id)
     text = json_text(tables) if fmt is ExportFormat.json else csv_text(tables)
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text, encoding="utf-8")
+        data = text.encode("utf-8")
+        write_atomically(output, lambda fh: fh.write(data))
         make_console().print(f"wrote {output}", markup=False)

@@ -13,6 +13,7 @@ from client_app.metric_keys import HEADLINE_KEYS
 from persistence.db import mask_url
 
 HEADLINE = HEADLINE_KEYS
+SYNTHETIC_NOTE = "data:       SYNTHETIC (generated toy images, not X-rays)"
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -37,7 +38,9 @@ def print_metrics(console: Console, metrics: Mapping[str, float], title: str) ->
 def print_centralized_summary(console: Console, result: Any, url: str) -> None:
     """Print the outcome of a centralized run."""
     summary = result.fit.summary
-    table = Table(title=f"centralized run {result.run_id}: completed")
+    synthetic = bool(getattr(result.data, "synthetic", False))
+    tag = " on synthetic data" if synthetic else ""
+    table = Table(title=f"centralized run {result.run_id}: completed{tag}")
     table.add_column("split")
     for key in HEADLINE:
         table.add_column(key, justify="right")
@@ -51,6 +54,8 @@ def print_centralized_summary(console: Console, result: Any, url: str) -> None:
         f"best epoch {summary.get('best_epoch')} of {len(result.fit.history)}, "
         f"decision threshold {fmt(summary.get('threshold'))} (chosen on val)"
     )
+    if synthetic:
+        console.print(SYNTHETIC_NOTE)
     console.print(f"checkpoint: {summary.get('checkpoint_path')}")
     console.print(f"metrics:    {result.save_dir}")
     console.print(f"database:   {mask_url(url)}")
@@ -77,10 +82,11 @@ def print_federated_summary(console: Console, outcome: Any) -> None:
             .where(ServerEvaluation.run_id == run.id)
             .order_by(ServerEvaluation.round_number)
         ).all()
+        synthetic = (run.config or {}).get("synthetic") is True
         table = Table(
             title=f"federated run {run.id}: {run.status} "
             f"({run.strategy}, {run.partition}, {run.rounds_completed}/"
-            f"{run.num_rounds} rounds)"
+            f"{run.num_rounds} rounds)" + (" on synthetic data" if synthetic else "")
         )
         for col in ("round", "loss", "accuracy", "auroc", "f1_score", "threshold"):
             table.add_column(col, justify="right")
@@ -94,6 +100,8 @@ def print_federated_summary(console: Console, outcome: Any) -> None:
                 fmt(ev.threshold),
             )
         console.print(table)
+        if synthetic:
+            console.print(SYNTHETIC_NOTE)
         if run.error_message:
             console.print(f"error:      {run.error_message}", markup=False)
         console.print(f"flower run: {flower.flwr_run_id} ({flower.status})")

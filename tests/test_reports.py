@@ -309,14 +309,24 @@ def test_compare_best_final_and_config_differences(tracked: Tracked) -> None:
     with session_scope(get_engine(tracked.url)) as s:
         auroc = epoch_metric(s, tracked.central, "val_auroc")
         accuracy = epoch_metric(s, tracked.central, "val_accuracy")
+        loss = epoch_metric(s, tracked.central, "val_loss")
         evals = server_evals(s, tracked.federated)
         top = max(evals, key=lambda e: e.auroc)
         configs = [flat(s.get(Run, i).config) for i in ids]
     best, last = argmax(auroc), max(auroc)
     assert metrics["mode"] == ["centralized", "federated"]
-    assert metrics["best round / epoch"] == [str(best), str(top.round_number)]
+    assert metrics["best-AUROC round / epoch"] == [str(best), str(top.round_number)]
     assert metrics["best val AUROC"] == [fmt(auroc[best]), fmt(top.auroc)]
-    assert metrics["best val accuracy"] == [fmt(accuracy[best]), fmt(top.accuracy)]
+    # Every other best row is the best of its own metric, not its value at
+    # the best-AUROC round: the highest accuracy, the lowest loss.
+    assert metrics["best val accuracy"] == [
+        fmt(max(v for v in accuracy.values() if v is not None)),
+        fmt(max(e.accuracy for e in evals if e.accuracy is not None)),
+    ]
+    assert metrics["best val loss"] == [
+        fmt(min(v for v in loss.values() if v is not None)),
+        fmt(min(e.loss for e in evals if e.loss is not None)),
+    ]
     assert metrics["final round / epoch"] == [str(last), str(evals[-1].round_number)]
     assert metrics["final val AUROC"] == [fmt(auroc[last]), fmt(evals[-1].auroc)]
     assert metrics["final val accuracy"] == [
