@@ -278,10 +278,50 @@ def load_data(
         image_size=image_size,
         allow_synthetic_fallback=allow_synthetic_fallback and not path,
     )
+    check_both_classes(data)
     if limit is None:
         return data
     splits = {name: limit_split(s, limit, seed) for name, s in data.splits.items()}
-    return XrayData(splits=splits, source=data.source, synthetic=data.synthetic)
+    capped = XrayData(splits=splits, source=data.source, synthetic=data.synthetic)
+    # A tiny cap can leave one class out although the data holds both.
+    check_both_classes(capped, limit=limit)
+    return capped
+
+
+def check_both_classes(data: XrayData, limit: int | None = None) -> None:
+    """Raise a DataError unless the train and val splits each hold both classes.
+
+    With one class the loss has nothing to separate and val AUROC is undefined,
+    so training would "succeed" at accuracy 1.0 and select no best model.
+    """
+    for name in ("train", "val"):
+        split = data.splits.get(name)
+        if split is None:
+            continue
+        counts = np.bincount(split.labels, minlength=len(CLASS_DIRS))
+        if counts.min() > 0:
+            continue
+        after = f" after data.limit={limit}" if limit is not None else ""
+        fix = "raise data.limit" if limit is not None else "add the missing class"
+        raise DataError(
+            f"the {name} split of '{data.source}' holds one class only{after} "
+            f"({_class_counts(data.source, name, counts)}); training and selecting "
+            "the best model by val AUROC need both NORMAL and PNEUMONIA images in "
+            f"train and val, so {fix}"
+        )
+
+
+def _class_counts(source: str, name: str, counts: np.ndarray) -> str:
+    # Name what the user can look at: class folders, or the .npz labels key.
+    pairs = list(zip(CLASS_DIRS, counts.tolist(), strict=True))
+    if (Path(source) / name).is_dir():
+        return ", ".join(f"{name}/{cls}: {n} images" for cls, n in pairs)
+    if Path(source).is_dir():
+        held = ", ".join(f"{cls}: {n}" for cls, n in pairs)
+        return f"{held} images held out from train/, as there is no {name}/ folder"
+    return f"{name}_labels: " + ", ".join(
+        f"{n} of label {label} ({cls})" for label, (cls, n) in enumerate(pairs)
+    )
 
 
 def _load_path(path: str, image_size: int) -> XrayData:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import pickle
 import random
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +21,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from client_app import model as models
 from client_app.data import Split
 from client_app.loaders import make_loader
 from client_app.metrics import binary_metrics, youden_threshold
-from persistence.errors import FailedRunError
+from persistence.errors import FailedRunError, InputError
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(FailedRunError):
     """The training loss became NaN or infinite."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file that is missing, unreadable or not a fedpneumo one."""
+
+
+CHECKPOINT_HINT = "pass --checkpoint a best_model.pt saved by fedpneumo train or run"
+# What every fedpneumo checkpoint holds, besides meta such as image_size.
+CHECKPOINT_KEYS = ("state_dict", "threshold", "model")
 
 
 class Callback:
@@ -314,13 +326,152 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "threshold": threshold, **meta}, tmp)
-    tmp.replace(path)
+    try:
+        torch.save({"state_dict": state, "threshold": threshold, **meta}, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError):
+        # torch reports a full disk as RuntimeError; no half file stays behind.
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by ``save_checkpoint``."""
+    """Load a checkpoint written by ``save_checkpoint``; raise CheckpointError."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint '{path}' is a folder, not a file; {CHECKPOINT_HINT}"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"checkpoint '{path}' does not exist; {CHECKPOINT_HINT}")
+    # torch.save writes a zip archive; anything else (a truncated copy, a
+    # stray file) would reach the unpickler and fail with a misleading message.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a PyTorch checkpoint (not a zip archive: "
+            f"truncated, or another kind of file); {CHECKPOINT_HINT}"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint '{path}' holds Python objects other than tensors and plain "
+            f"values, which are not loaded for safety; {CHECKPOINT_HINT}"
+        ) from err
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError) as err:
+        # torch's own text is several lines of internals; the cause is chained.
+        raise CheckpointError(
+            f"checkpoint '{path}' is a zip archive that torch.load cannot read "
+            f"(corrupted, or not written by torch.save); {CHECKPOINT_HINT}"
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint '{path}' holds a {type(state).__name__}, not fedpneumo's "
+            f"dict of state_dict, threshold and model; {CHECKPOINT_HINT}"
+        )
+    return state
+
+
+def restore_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint declares, with its weights; return both.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, lacks fedpneumo's
+            keys, or holds weights that do not fit the model it declares.
+    """
+    state = load_checkpoint(path)
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a fedpneumo checkpoint (no "
+            f"{', '.join(missing)}); {CHECKPOINT_HINT}"
+        )
+    meta, weights, threshold = state["model"], state["state_dict"], state["threshold"]
+    if not isinstance(meta, dict) or not isinstance(weights, dict):
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a fedpneumo checkpoint (its model or "
+            f"state_dict entry is not a dict); {CHECKPOINT_HINT}"
+        )
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise CheckpointError(
+            f"checkpoint '{path}' has threshold {threshold!r} instead of a number; "
+            f"{CHECKPOINT_HINT}"
+        )
+    image_size = state.get("image_size", 28)
+    if (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int)
+        or image_size < 8
+    ):
+        raise CheckpointError(
+            f"checkpoint '{path}' has image_size {image_size!r}; expected an integer "
+            f">= 8 (the data.image_size it was trained at); {CHECKPOINT_HINT}"
+        )
+    try:
+        model = models.build_model(**meta)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint '{path}' declares a model that cannot be built ({err}); "
+            f"{CHECKPOINT_HINT}"
+        ) from err
+    problem = _weights_problem(model, weights, meta)
+    if problem:
+        raise CheckpointError(
+            f"checkpoint '{path}' declares {_describe_spec(meta)} but holds "
+            f"{problem}; expected that model's weights, as fedpneumo train or run "
+            "saves them"
+        )
+    model.load_state_dict(weights)
+    return model, state
+
+
+def _describe_spec(meta: Mapping[str, Any]) -> str:
+    return " ".join(f"model.{key}={value}" for key, value in meta.items())
+
+
+def _weights_problem(
+    model: nn.Module, weights: Mapping[str, Any], meta: Mapping[str, Any]
+) -> str | None:
+    """Say how ``weights`` do not fit ``model``, or return None when they do."""
+    expected = model.state_dict()
+    unexpected = sorted(set(weights) - set(expected))
+    missing = sorted(set(expected) - set(weights))
+    if unexpected or missing:
+        other = _model_of_keys(set(weights), meta)
+        if other is not None:
+            return f"{other} weights"
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} unknown keys such as '{unexpected[0]}'")
+        if missing:
+            more = (
+                f" and {len(missing) - 1} more of its keys" if len(missing) > 1 else ""
+            )
+            parts.append(f"no '{missing[0]}'{more}")
+        return "weights of another model (" + ", ".join(parts) + ")"
+    for key, tensor in expected.items():
+        value = weights[key]
+        if not isinstance(value, torch.Tensor):
+            return f"a {type(value).__name__} for '{key}' instead of a tensor"
+        if value.shape != tensor.shape:
+            return (
+                f"weights of another size ('{key}' has shape {list(value.shape)}, "
+                f"the model's is {list(tensor.shape)})"
+            )
+    return None
+
+
+def _model_of_keys(keys: set[str], meta: Mapping[str, Any]) -> str | None:
+    """Return the name of another model whose parameter names are ``keys``."""
+    norm = meta.get("norm", "batch")
+    for name in models.MODEL_NAMES:
+        if name == meta.get("name"):
+            continue
+        try:
+            candidate = models.build_model(name, norm=norm)
+        except ValueError:
+            return None
+        if set(candidate.state_dict()) == keys:
+            return name
+    return None

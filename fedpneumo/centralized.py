@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from client_app import model as models
-from client_app.data import DataError, XrayData, resolve_data
+from client_app.data import XrayData, resolve_data
 from client_app.metrics_collector import MetricsCollectorCallback
 from client_app.trainer import (
     Callback,
@@ -19,7 +18,7 @@ from client_app.trainer import (
     balanced_pos_weight,
     evaluate,
     fit,
-    load_checkpoint,
+    restore_model,
 )
 from fedpneumo.progress import ProgressReporter
 from persistence import repositories as repo
@@ -127,12 +126,7 @@ def evaluate_checkpoint(
     checkpoint: Path, data_path: str, split: str = "val"
 ) -> dict[str, float]:
     """Score a saved model on a split of any supported data file or folder."""
-    state = load_checkpoint(checkpoint)
-    meta = state.get("model")
-    if not isinstance(meta, dict):
-        raise DataError(f"{checkpoint} is not a fedpneumo checkpoint (no model info)")
-    model = models.build_model(**meta)
-    model.load_state_dict(state["state_dict"])
+    model, state = restore_model(checkpoint)
     data = resolve_data(data_path, image_size=int(state.get("image_size", 28)))
     threshold = float(state["threshold"])
     with torch.no_grad():

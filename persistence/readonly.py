@@ -41,11 +41,59 @@ def readonly_engine(url: str) -> Engine:
         raise DatabaseError(
             f"database file {path} does not exist (check --db or DATABASE_URL)"
         )
-    uri = path.as_uri() + "?mode=ro"
+    uri = readonly_uri(path)
     return create_engine(
         "sqlite://",
         creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
     )
+
+
+def readonly_uri(path: Path) -> str:
+    """Return the SQLite URI that reads ``path`` without ever writing to it.
+
+    Reading a WAL-mode file (ours always are) makes SQLite create ``-shm``
+    beside it, which a read-only folder or medium refuses. When the file alone
+    is the whole database (no ``-wal`` with changes beside it), it is opened
+    as immutable instead, which needs no ``-shm``.
+    """
+    uri = path.as_uri() + "?mode=ro"
+    if not _in_wal_mode(path) or _readable(uri):
+        return uri
+    wal = path.with_name(path.name + "-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        raise DatabaseError(
+            f"database file {path} cannot be read here: SQLite cannot create "
+            f"{path.name}-shm beside it and {wal.name} holds changes not yet in "
+            f"the file; copy {path.name}-shm along with it, or checkpoint it where "
+            f"it was written (sqlite3 {path.name} 'PRAGMA wal_checkpoint(TRUNCATE)')"
+            " and copy the .db file alone"
+        )
+    return uri + "&immutable=1"
+
+
+def _in_wal_mode(path: Path) -> bool:
+    # Bytes 18 and 19 of the header are the file format's write and read
+    # versions: 2 means WAL (sqlite.org/fileformat.html#file_format_version_numbers).
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(20)
+    except OSError:
+        return False  # let the connection report it
+    return len(header) == 20 and header[18:20] == b"\x02\x02"
+
+
+def _readable(uri: str) -> bool:
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return True
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
 
 
 @contextmanager

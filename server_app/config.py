@@ -156,6 +156,9 @@ class TrackingConfig:
     client_writes: ClientWrites = ClientWrites.direct
     enable_db: bool = True
     stale_after_s: float = bounded(900.0, gt=0)
+    # How long a run trains on while the database is unreachable (rows wait
+    # in the spool); then it stops and its status waits for `fedpneumo sync`.
+    outage_timeout_s: float = bounded(300.0, gt=0)
 
 
 @dataclass
@@ -232,6 +235,56 @@ MANAGED_STRATEGY_ARGS = {
 }
 
 
+@dataclass(frozen=True)
+class ParamRule:
+    """The allowed values of a Flower strategy argument."""
+
+    bounds: Bounds
+    integer: bool = False
+
+
+# Flower's signatures say only "float" or "int"; out of these ranges its
+# strategies diverge, divide by zero or silently do nothing useful, so the
+# ranges are checked here, before anything starts. Names mean the same in
+# every Flower class that takes them (FedAdam, FedYogi, FedAdagrad share eta).
+STRATEGY_PARAM_RULES: dict[str, ParamRule] = {
+    # FedProx: mu < 0 would reward clients for drifting from the global model.
+    "proximal_mu": ParamRule(Bounds(ge=0)),
+    # FedOpt family: server and client learning rates, adaptivity constant.
+    "eta": ParamRule(Bounds(gt=0)),
+    "eta_l": ParamRule(Bounds(gt=0)),
+    "tau": ParamRule(Bounds(gt=0)),
+    # Moment decay rates; 1 divides by zero in FedAdam's bias correction.
+    "beta_1": ParamRule(Bounds(ge=0, lt=1)),
+    "beta_2": ParamRule(Bounds(ge=0, lt=1)),
+    # FedAvgM.
+    "server_learning_rate": ParamRule(Bounds(gt=0)),
+    "server_momentum": ParamRule(Bounds(ge=0, lt=1)),
+    # FedTrimmedAvg trims this share from each end, so less than half.
+    "beta": ParamRule(Bounds(ge=0, lt=0.5)),
+    # Krum, MultiKrum, Bulyan.
+    "num_malicious_nodes": ParamRule(Bounds(ge=0), integer=True),
+    "num_nodes_to_select": ParamRule(Bounds(ge=1), integer=True),
+}
+
+
+def check_strategy_param(key: str, value: Any) -> None:
+    """Check one ``strategy.params`` value against its rule, if it has one."""
+    rule = STRATEGY_PARAM_RULES.get(key)
+    if rule is None:
+        return
+    name = f"strategy.params.{key}"
+    kind = "an integer" if rule.integer else "a number"
+    # bool is an int to Python, but True is no learning rate.
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if not numeric or (rule.integer and not isinstance(value, int)):
+        raise _invalid(name, value, f"it must be {kind} {rule.bounds.describe()}")
+    if not math.isfinite(value):
+        raise _invalid(name, value, "it must be a finite number")
+    if not rule.bounds.holds(value):
+        raise _invalid(name, value, f"it must be {rule.bounds.describe()}")
+
+
 def check_rules(cfg: AppConfig) -> None:
     """Check the rules that relate several keys, or a key to Flower's classes."""
     if not cfg.experiment_name.strip():
@@ -247,6 +300,7 @@ def check_rules(cfg: AppConfig) -> None:
                 value,
                 f"{cls.__name__} accepts: " + ", ".join(sorted(accepted)),
             )
+        check_strategy_param(key, value)
 
 
 def check_bulyan(cfg: AppConfig) -> None:
