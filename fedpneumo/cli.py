@@ -91,8 +91,10 @@ Overrides = Annotated[
 def train(overrides: Overrides = None) -> None:
     """Train a centralized baseline; select on val; record one centralized run."""
     from server_app.compose import database_url, load_config, resolve_paths
+    from server_app.resources import check_outputs
 
     cfg = resolve_paths(load_config(overrides or []))
+    check_outputs(cfg)
     # Imported once the config is valid: a typo fails before torch loads.
     from fedpneumo.centralized import run_centralized
     from fedpneumo.summary import print_centralized_summary
@@ -137,11 +139,18 @@ def resume(
     app_dir: AppOption = None,
 ) -> None:
     """Continue a federated run from its last completed round."""
-    from fedpneumo.federated import resume_session
+    from fedpneumo.federated import finish_if_done, resume_session
     from fedpneumo.summary import print_federated_summary
     from persistence.db import default_database_url
 
     url = db or default_database_url(outputs)
+    done = finish_if_done(run_id, url)
+    if done is not None:
+        console.print(
+            f"run {run_id} is completed ({done.rounds_completed}/{done.num_rounds} "
+            "rounds): nothing left to resume"
+        )
+        return
     outcome = resume_session(
         run_id, url, echo=False, force=force, app_dir=app_dir or APP_DIR
     )
@@ -152,9 +161,7 @@ def resume(
 def _exit_on_failures(outcomes: list) -> None:
     failed = [o for o in outcomes if not o.ok]
     for o in failed:
-        reason = (o.run.error_message if o.run else None) or o.flower.details
-        label = f"run {o.run.id}" if o.run else f"Flower run {o.flower.flwr_run_id}"
-        sys.stderr.write(f"error: federated {label} failed: {reason}\n")
+        sys.stderr.write(f"error: {o.problem()}\n")
     if failed:
         raise typer.Exit(1)
 

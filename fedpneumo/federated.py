@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -16,8 +18,14 @@ from fedpneumo.flower import APP_DIR, FlowerOutcome
 from fedpneumo.launcher import LocalSuperLink
 from fedpneumo.progress import ProgressReporter
 from persistence import repositories as repo
-from persistence.db import get_engine, session_scope, upgrade_database
+from persistence.db import (
+    describe_error,
+    get_engine,
+    session_scope,
+    upgrade_database,
+)
 from persistence.models import Run, RunStatus
+from persistence.spool import is_transient
 from server_app.compose import (
     config_from_snapshot,
     database_url,
@@ -26,10 +34,20 @@ from server_app.compose import (
     resolve_paths,
 )
 from server_app.config import AppConfig, ConfigError
-from server_app.events import ROUND_EVALUATED, parse_event
+from server_app.events import (
+    ROUND_EVALUATED,
+    TRACKING_DOWN,
+    TRACKING_PENDING,
+    TRACKING_UP,
+    parse_event,
+)
+from server_app.recorder import concise_reason
+from server_app.resources import check_compute, check_outputs
 
 log = logging.getLogger(__name__)
 
+# Lines of Flower's output that may carry the cause of a crash.
+ERROR_HINT = re.compile(r"Error|Exception|Traceback")
 # Overrides the launcher sets itself (absolute paths) or moves out of the
 # run config (a URL may hold a password: it travels in the environment).
 MANAGED_KEYS = {"outputs_dir", "data.path", "db.sqlite_path", "db.url"}
@@ -46,12 +64,51 @@ class SessionOutcome:
     # Seconds since submission at which each round's evaluation was reported
     # (round 0 = the initial model): start-up and per-round timings.
     round_times: dict[int, float] = field(default_factory=dict)
+    # Set when the run ended while the database was down (its status and
+    # rows wait in the spool): the TRACKING_PENDING event's fields.
+    pending: dict | None = None
+    # Why the tracking database could not be read after the run, if it could not.
+    db_error: str | None = None
 
     @property
     def ok(self) -> bool:
         """Whether Flower and the tracking database both say completed."""
+        if self.pending or self.db_error:
+            return False
         db_ok = self.run is None or self.run.status == RunStatus.COMPLETED
         return self.flower.completed and db_ok
+
+    def problem(self) -> str:
+        """One line saying why the session is not ``ok``."""
+        if self.pending:
+            return pending_message(self.pending, self.url)
+        if self.db_error:
+            return f"the run's status cannot be read: {self.db_error}"
+        reason = (self.run.error_message if self.run else None) or self.flower.details
+        label = (
+            f"run {self.run.id}"
+            if self.run
+            else f"Flower run {self.flower.flwr_run_id}"
+        )
+        return f"federated {label} failed: {reason}"
+
+
+def sync_command(run_dir: str, url: str) -> str:
+    """Return the ``fedpneumo sync`` command for a run folder and database."""
+    # A SQLite path is safe to print; a server URL may hold a password, and
+    # the user has it in DATABASE_URL already.
+    db = f" --db {url}" if url.startswith("sqlite") else ""
+    return f"fedpneumo sync --outputs {shlex.quote(run_dir)}{db}"
+
+
+def pending_message(event: dict, url: str) -> str:
+    """Explain a run whose status waits in the spool, with the sync command."""
+    return (
+        f"run {event['run_id']} ended ({event['status']}) while the tracking "
+        f"database was unreachable; its status and {event['pending']} spooled "
+        f"batches are kept under {event['spool']}: run "
+        f"`{sync_command(str(event['spool']), url)}` when the database is back"
+    )
 
 
 def override_key(override: str) -> str:
@@ -97,6 +154,8 @@ def federation_config(cfg: AppConfig) -> str:
 def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
     """Compose and check everything that can fail before Flower starts."""
     cfg = resolve_paths(load_config(overrides))
+    check_outputs(cfg)
+    check_compute(cfg)
     # Imported once the config is valid: a typo fails before torch and the
     # data stack load (about three seconds).
     from server_app.factories import check_partitions, configured_data
@@ -142,20 +201,51 @@ class StreamHandler:
         self.errors: list[str] = []
         self.started = time.monotonic()
         self.round_times: dict[int, float] = {}
+        self.pending: dict | None = None
+        # The tail of Flower's output: where the cause of a crash is found.
+        self.tail: collections.deque[str] = collections.deque(maxlen=400)
 
     def __call__(self, line: str) -> None:
         """Handle one line of Flower's output."""
-        self.logfile.write(line + "\n")
-        self.logfile.flush()
+        self._log(line)
+        self.tail.append(line)
         if self.echo:
             log.info("%s", line)
         event = parse_event(line)
-        if event is not None and event["event"] == ROUND_EVALUATED:
+        kind = event["event"] if event else None
+        if kind == ROUND_EVALUATED:
             round_number = int(event["round"])
             self.round_times[round_number] = time.monotonic() - self.started
             self.reporter.advance(round_number, event.get("metrics", {}))
+        elif kind == TRACKING_DOWN:
+            log.warning(
+                "tracking database unreachable (%s): training goes on, metrics "
+                "are spooled under %s; the run stops after %g s of outage",
+                event.get("detail"),
+                event.get("spool"),
+                float(event.get("timeout_s", 0)),
+            )
+        elif kind == TRACKING_UP:
+            log.info("tracking database reachable again: spooled metrics written")
+        elif kind == TRACKING_PENDING:
+            self.pending = event
         elif "ERROR" in line or "Traceback" in line:
             self.errors.append(line)
+
+    def _log(self, line: str) -> None:
+        if self.logfile is None:
+            return
+        try:
+            self.logfile.write(line + "\n")
+            self.logfile.flush()
+        except OSError as exc:
+            # A full or vanished outputs disk must not stop following the run.
+            log.warning(
+                "cannot write %s (%s); not logging Flower's output",
+                self.logfile.name,
+                exc.strerror,
+            )
+            self.logfile = None
 
 
 def launch(
@@ -177,10 +267,48 @@ def launch(
         except KeyboardInterrupt:
             _interrupted(superlink, url)
             raise
-    run = find_run(url, outcome.flwr_run_id)
-    return SessionOutcome(
-        cfg=cfg, flower=outcome, run=run, url=url, round_times=handler.round_times
+    outcome_ = SessionOutcome(
+        cfg=cfg,
+        flower=outcome,
+        run=None,
+        url=url,
+        round_times=handler.round_times,
+        pending=handler.pending,
     )
+    try:
+        outcome_.run = find_run(url, outcome.flwr_run_id)
+        if not outcome.completed and outcome_.run is not None:
+            outcome_.run = close_abandoned(outcome_.run, url, handler)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        outcome_.db_error = describe_error(exc, url)
+    return outcome_
+
+
+def close_abandoned(run: Run, url: str, handler: StreamHandler) -> Run:
+    """Mark failed a run Flower ended while the ServerApp could not close it.
+
+    A crash of Flower's simulation runtime (say, no Ray worker fits the
+    requested resources) kills the ServerApp without running its own error
+    handling; the cause is only in Flower's output.
+    """
+    if run.status != RunStatus.IN_PROGRESS or handler.pending:
+        return run
+    errors = [ln for ln in handler.tail if ERROR_HINT.search(ln)]
+    reason = (
+        concise_reason("\n".join(errors))
+        if errors
+        else "no error in its log; Flower's simulation process may have been "
+        "killed (out of memory?)"
+    )
+    with session_scope(get_engine(url)) as db:
+        return repo.finish_run(
+            db,
+            run_id=run.id,
+            status=RunStatus.FAILED,
+            error_message=f"Flower ended the run: {reason}",
+        )
 
 
 def _interrupted(superlink: LocalSuperLink, url: str) -> None:
@@ -232,6 +360,44 @@ def run_sessions(
     return outcomes
 
 
+def finish_if_done(run_id: int, url: str) -> Run | None:
+    """Replay a run's spools; complete it if every round already ran.
+
+    Returns the run when it is completed (before or now), None when rounds
+    are left to train. A run that ended while the database was down has its
+    rows and status in its spools: they are written first, so nothing is
+    trained twice and a fully trained run is never marked failed.
+    """
+    from persistence.spool import sync
+    from server_app.evaluate import ROUND_STATE, load_round_state
+
+    upgrade_database(url)
+    with session_scope(get_engine(url)) as db:
+        run = repo.require_run(db, run_id)
+    outputs = Path(run.outputs_path) if run.outputs_path else None
+    if outputs is not None and outputs.is_dir():
+        files, stored, _ = sync(url, outputs)
+        if files:
+            log.info(
+                "run %d: %d spooled batches written (%d new rows)",
+                run_id,
+                files,
+                stored,
+            )
+    with session_scope(get_engine(url)) as db:
+        run = repo.require_run(db, run_id)
+        if run.status == RunStatus.COMPLETED or run.training_mode != "federated":
+            return run if run.status == RunStatus.COMPLETED else None
+        state = outputs / ROUND_STATE if outputs is not None else None
+        done = run.rounds_completed
+        if state is not None and state.is_file():
+            done = max(done, int(load_round_state(state)["round"]))
+        if done < run.num_rounds:
+            return None
+        repo.update_run(db, run_id=run_id, rounds_completed=run.num_rounds)
+        return repo.finish_run(db, run_id=run_id, status=RunStatus.COMPLETED)
+
+
 def resume_session(
     run_id: int,
     url: str,
@@ -244,7 +410,6 @@ def resume_session(
     from fedpneumo.reports import is_stale
     from server_app.runs import resumable_run
 
-    upgrade_database(url)
     with session_scope(get_engine(url)) as db:
         run = resumable_run(db, run_id)
         if run.status == RunStatus.IN_PROGRESS and not force and not is_stale(run):

@@ -1,4 +1,4 @@
-"""Spool entries: metric batches, evaluations, client failures, and their writes.
+"""Spool entries: metric batches, evaluations, failures, run closings; their writes.
 
 Entries are plain JSON-able dicts with a ``kind`` and a ``batch_id``; writing
 one is idempotent, so replaying a spool file twice stores nothing new.
@@ -136,4 +136,37 @@ def apply_entry(session: Any, entry: Mapping[str, Any]) -> int:
             client_identifier=entry.get("client_identifier"),
         )
         return int(stored)
+    if kind == "run_finish":
+        return _finish_run(session, entry)
     raise ValueError(f"unknown spool entry kind {kind!r}")
+
+
+def run_finish_entry(
+    run_id: int, status: str, error: str | None, fields: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Return the entry that closes a run once the database is reachable."""
+    return {
+        "kind": "run_finish",
+        "batch_id": f"run_finish-{run_id}",
+        "run_id": run_id,
+        "status": status,
+        "error": error,
+        "fields": dict(fields),
+    }
+
+
+def _finish_run(session: Any, entry: Mapping[str, Any]) -> int:
+    # Only a run still in progress is closed: a run resumed and finished
+    # since then has a newer status that a late replay must not overwrite.
+    run = repo.require_run(session, entry["run_id"])
+    if run.status != "in_progress":
+        return 0
+    fields = dict(entry.get("fields") or {})
+    rounds = fields.pop("rounds_completed", None)
+    if rounds is not None:
+        fields["rounds_completed"] = max(int(rounds), run.rounds_completed or 0)
+    repo.update_run(session, run_id=run.id, **fields)
+    repo.finish_run(
+        session, run_id=run.id, status=entry["status"], error_message=entry["error"]
+    )
+    return 0

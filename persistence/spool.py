@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
 from persistence.db import DatabaseError, get_engine, mask_url, session_scope
 from persistence.entries import apply_entry
@@ -26,11 +27,18 @@ log = logging.getLogger(__name__)
 
 SPOOL_DIRNAME = "spool"
 REJECTED_DIRNAME = "rejected"
+# SQLite failures that waiting does not fix: a full disk, a read-only file.
+PERMANENT = re.compile(r"database or disk is full|readonly database", re.I)
+# The entry that closes a run whose database was down at its end; replayed
+# after every other entry so a run becomes completed only with all its rows.
+RUN_FINISH = "run_finish"
 
 
 def is_transient(exc: BaseException) -> bool:
     """Return True for failures that may pass: server down, connection lost."""
     if isinstance(exc, IntegrityError):
+        return False
+    if PERMANENT.search(str(exc)):
         return False
     if isinstance(exc, OperationalError | DatabaseError):
         return True
@@ -38,7 +46,12 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class DurableWriter:
-    """Write entries through a spool folder into the database, with backoff."""
+    """Write entries through a spool folder into the database, with backoff.
+
+    ``on_change(reachable, detail)`` is called when the database goes down
+    (False) and when it is reachable again (True); ``down_since`` is the
+    ``time.monotonic()`` at which the current outage began, None while up.
+    """
 
     def __init__(
         self,
@@ -47,6 +60,7 @@ class DurableWriter:
         *,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 30.0,
+        on_change: Callable[[bool, str], None] | None = None,
     ) -> None:
         self.url = url
         self.spool_dir = Path(spool_dir)
@@ -55,6 +69,8 @@ class DurableWriter:
         self._delay = backoff_initial_s
         self._next_attempt = 0.0
         self._warned = False
+        self.on_change = on_change
+        self.down_since: float | None = None
 
     # Spool files -------------------------------------------------------------
 
@@ -64,11 +80,15 @@ class DurableWriter:
         name = f"{time.time_ns():020d}-{entry['batch_id']}.json"
         path = self.spool_dir / name
         tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            fh.write(json.dumps(entry))  # dumps uses the C encoder; dump does not
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
+        try:
+            with tmp.open("w") as fh:
+                fh.write(json.dumps(entry))  # the C encoder; dump() does not use it
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave half a file
+            raise
         return path
 
     def pending(self) -> list[Path]:
@@ -100,18 +120,25 @@ class DurableWriter:
             self._delay = min(self._delay * 2, self.backoff_max_s)
             self._next_attempt = time.monotonic() + self._delay
             if not self._warned:
+                detail = str(exc).splitlines()[0]
                 log.warning(
                     "database %s unavailable; metrics are spooled in %s and "
                     "retried (%s)",
                     mask_url(self.url),
                     self.spool_dir,
-                    str(exc).splitlines()[0],
+                    detail,
                 )
                 self._warned = True
+                self.down_since = time.monotonic()
+                if self.on_change:
+                    self.on_change(False, detail)
             return False
         if self._warned:
             log.info("database %s reachable again", mask_url(self.url))
             self._warned = False
+            self.down_since = None
+            if self.on_change:
+                self.on_change(True, "")
         self._delay = self.backoff_initial_s
         self._next_attempt = 0.0
         return True
@@ -128,7 +155,7 @@ class DurableWriter:
             return len(self.pending())
         try:
             for attempt in Retrying(
-                stop=stop_after_delay(timeout_s),
+                stop=stop_before_delay(timeout_s),
                 wait=wait_exponential(
                     multiplier=self.backoff_initial_s, max=self.backoff_max_s
                 ),
@@ -187,19 +214,22 @@ def sync(url: str, root: Path) -> tuple[int, int, int]:
     """
     files = stored = rejected = 0
     engine = get_engine(url)
+    entries, finishes = [], []
     for folder in find_spool_dirs(root):
         for path in pending_files(folder):
-            files += 1
-            try:
-                entry = json.loads(path.read_text())
-                with session_scope(engine) as session:
-                    stored += apply_entry(session, entry)
-            except (IntegrityError, ValueError, KeyError) as exc:
-                target = folder.parent / REJECTED_DIRNAME
-                target.mkdir(exist_ok=True)
-                path.replace(target / path.name)
-                rejected += 1
-                log.error("rejected %s: %s", path, str(exc).splitlines()[0])
-                continue
-            path.unlink(missing_ok=True)
+            (finishes if RUN_FINISH in path.name else entries).append(path)
+    for path in entries + finishes:
+        files += 1
+        try:
+            entry = json.loads(path.read_text())
+            with session_scope(engine) as session:
+                stored += apply_entry(session, entry)
+        except (IntegrityError, ValueError, KeyError) as exc:
+            target = path.parent.parent / REJECTED_DIRNAME
+            target.mkdir(exist_ok=True)
+            path.replace(target / path.name)
+            rejected += 1
+            log.error("rejected %s: %s", path, str(exc).splitlines()[0])
+            continue
+        path.unlink(missing_ok=True)
     return files, stored, rejected

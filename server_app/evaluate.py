@@ -36,9 +36,13 @@ def save_round_state(
         **extra,
     }
     tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as fh:
-        pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as fh:
+            pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file
+        raise
 
 
 def load_round_state(path: Path) -> dict[str, Any]:
@@ -102,6 +106,7 @@ class ServerEvaluator:
             save_round_state(self.run_dir / ROUND_STATE, arrays, round_number, extra)
             self.recorder.update(rounds_completed=round_number)
         emit_round(round_number, self.cfg.num_rounds, metrics)
+        self.recorder.check_outage(round_number)
         return MetricRecord(
             {k: float(metrics[k]) for k in (*SERVER_EVAL_KEYS, THRESHOLD)}
         )

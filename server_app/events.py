@@ -17,6 +17,11 @@ log = logging.getLogger(__name__)
 
 PREFIX = "fedpneumo-event "
 ROUND_EVALUATED = "round_evaluated"
+# The tracking database became unreachable / reachable again.
+TRACKING_DOWN = "tracking_down"
+TRACKING_UP = "tracking_up"
+# The run ended while the database was down: its rows and status are spooled.
+TRACKING_PENDING = "tracking_pending"
 
 
 def emit(event: str, **fields: Any) -> None:

@@ -36,6 +36,7 @@ from server_app.factories import (
     model_meta,
 )
 from server_app.recorder import RunRecorder, concise_reason
+from server_app.resources import check_outputs
 from server_app.runs import open_run, resume_state
 from server_app.strategy import make_strategy
 
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 NODE_WAIT_S = 60.0
 ROUND_TIMEOUT_S = 3600.0
-FINISH_TIMEOUT_S = 300.0
 
 
 def setup_logging() -> None:
@@ -98,6 +98,7 @@ def prepare_session(
     overrides = str(context.run_config.get("overrides", ""))
     resume_id = int(context.run_config.get("resume-run-id", 0))
     cfg = resolve_paths(load_config(overrides))
+    check_outputs(cfg)
     url = database_url(cfg) if cfg.tracking.enable_db else None
     if url:
         upgrade_database(url)
@@ -128,7 +129,7 @@ def run_session(grid: Grid, context: Context) -> None:
         run_id = 0
     run_dir = Path(cfg.outputs_dir) / "runs" / str(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    recorder = RunRecorder(url, run_id, run_dir)
+    recorder = RunRecorder(url, run_id, run_dir, cfg.tracking.outage_timeout_s)
     recorder.start_heartbeat()
     log.info(
         "federated run %d (%s) on %s: %s, %s, %d clients, rounds %d..%d",
@@ -145,19 +146,18 @@ def run_session(grid: Grid, context: Context) -> None:
         _train(cfg, grid, recorder, run_dir, data.split("val"), num_nodes, state, url)
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
-        recorder.replay_all(timeout_s=30)
-        recorder.finish(RunStatus.FAILED, reason, FINISH_TIMEOUT_S)
+        recorder.close(RunStatus.FAILED, reason)
         log.error("federated run %d failed: %s", run_id, reason)
         raise
-    pending = recorder.replay_all(timeout_s=FINISH_TIMEOUT_S)
-    recorder.finish(
-        RunStatus.FAILED if pending else RunStatus.COMPLETED,
-        f"{pending} metric batches are still spooled; run fedpneumo sync"
-        if pending
-        else None,
-        FINISH_TIMEOUT_S,
-    )
-    log.info("federated run %d completed", run_id)
+    if recorder.close(RunStatus.COMPLETED):
+        log.info("federated run %d completed", run_id)
+    else:
+        log.error(
+            "federated run %d trained every round, but the tracking database is "
+            "unreachable: its rows and status wait under %s for `fedpneumo sync`",
+            run_id,
+            run_dir,
+        )
 
 
 def global_pos_weight(
@@ -212,6 +212,8 @@ def _train(
     if cfg.train.class_weighting:
         pos_weight = global_pos_weight(grid, ins.to_config())
         ins = replace(ins, pos_weight=pos_weight or 0.0)
+    if offset >= cfg.num_rounds:
+        return  # every round ran before: nothing to train, the run completes
     strategy = make_strategy(cfg, num_nodes)
     strategy.attach(
         recorder,

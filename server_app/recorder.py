@@ -9,16 +9,18 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
 from client_app.metric_keys import dataset_type_of
 from persistence import repositories as repo
 from persistence.db import get_engine, mask_url, session_scope
-from persistence.entries import EvaluationRecord, MetricBatch
+from persistence.entries import EvaluationRecord, MetricBatch, run_finish_entry
+from persistence.errors import FailedRunError
 from persistence.repositories import MetricPoint
 from persistence.spool import (
     SPOOL_DIRNAME,
@@ -28,11 +30,20 @@ from persistence.spool import (
     pending_files,
     replay,
 )
+from server_app.events import TRACKING_DOWN, TRACKING_PENDING, TRACKING_UP, emit
 
 log = logging.getLogger(__name__)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HEARTBEAT_INTERVAL_S = 30.0
+DEFAULT_OUTAGE_TIMEOUT_S = 300.0
+# A database that is up answers at once; this bounds the retries of a
+# status write when the outage budget is already spent.
+MIN_CLOSE_TIMEOUT_S = 5.0
+
+
+class TrackingOutageError(FailedRunError):
+    """The tracking database stayed unreachable past tracking.outage_timeout_s."""
 
 
 ERROR_LINE = re.compile(r"^([\w.]+(?:Error|Exception|Interrupt)): (.+)$")
@@ -58,14 +69,29 @@ def concise_reason(text: str, limit: int = 500) -> str:
 
 
 class RunRecorder:
-    """Write a run's rows; ``run_id`` 0 with ``url`` None records nothing."""
+    """Write a run's rows; ``run_id`` 0 with ``url`` None records nothing.
 
-    def __init__(self, url: str | None, run_id: int, run_dir: Path) -> None:
+    While the database is down, rows wait in the spool and training goes on
+    for up to ``outage_timeout_s``; after that the run stops at the next
+    round (``check_outage``) and its closing status is spooled too.
+    """
+
+    def __init__(
+        self,
+        url: str | None,
+        run_id: int,
+        run_dir: Path,
+        outage_timeout_s: float = DEFAULT_OUTAGE_TIMEOUT_S,
+    ) -> None:
         self.url = url
         self.run_id = run_id
         self.run_dir = run_dir
+        self.outage_timeout_s = outage_timeout_s
+        self.spool_dir = run_dir / "server" / SPOOL_DIRNAME
         self.writer = (
-            DurableWriter(url, run_dir / "server" / SPOOL_DIRNAME) if url else None
+            DurableWriter(url, self.spool_dir, on_change=self._announce)
+            if url
+            else None
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,11 +184,78 @@ class RunRecorder:
                 }
             )
 
+    # Outages ------------------------------------------------------------------
+
+    def _announce(self, reachable: bool, detail: str) -> None:
+        if reachable:
+            emit(TRACKING_UP, run_id=self.run_id)
+        else:
+            emit(
+                TRACKING_DOWN,
+                run_id=self.run_id,
+                spool=str(self.run_dir),
+                detail=detail,
+                timeout_s=self.outage_timeout_s,
+            )
+
+    def outage_seconds(self) -> float:
+        """Seconds the database has been unreachable (0 while it is up)."""
+        since = self.writer.down_since if self.writer else None
+        return 0.0 if since is None else time.monotonic() - since
+
+    def check_outage(self, round_number: int) -> None:
+        """Stop the run if the database has been down past the outage timeout."""
+        if not self.writer or self.outage_seconds() < self.outage_timeout_s:
+            return
+        self.writer.flush(0)  # one more try: it may be back since the last one
+        down = self.outage_seconds()
+        if down >= self.outage_timeout_s:
+            raise TrackingOutageError(
+                f"tracking database {mask_url(self.url or '')} unreachable for "
+                f"{down:.0f} s (tracking.outage_timeout_s="
+                f"{self.outage_timeout_s:g}); stopped after round {round_number}"
+            )
+
+    def _budget_s(self) -> float:
+        """Seconds left to wait for the database before giving up on it."""
+        return max(self.outage_timeout_s - self.outage_seconds(), MIN_CLOSE_TIMEOUT_S)
+
+    def close(self, status: str, error: str | None = None) -> bool:
+        """Replay the spools and close the run within the outage budget.
+
+        Returns True when the status is stored. Otherwise the database is
+        still down: the status waits in the spool for ``fedpneumo sync``,
+        which applies it after every row, and an event says where it is.
+        """
+        self._stop.set()
+        if not self.url:
+            return True
+        pending = self.replay_all(timeout_s=self._budget_s())
+        if not pending:
+            try:
+                self.finish(status, error, timeout_s=self._budget_s())
+                return True
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+        assert self.writer is not None
+        entry = run_finish_entry(self.run_id, status, error, self._pending_fields)
+        self.writer.spool(entry)
+        left = sum(len(pending_files(f)) for f in find_spool_dirs(self.run_dir))
+        emit(
+            TRACKING_PENDING,
+            run_id=self.run_id,
+            status=status,
+            pending=left,
+            spool=str(self.run_dir),
+        )
+        return False
+
     # Run row -----------------------------------------------------------------
 
     def _retrying(self, timeout_s: float) -> Retrying:
         return Retrying(
-            stop=stop_after_delay(timeout_s),
+            stop=stop_before_delay(timeout_s),
             wait=wait_exponential(multiplier=0.5, max=15),
             retry=retry_if_exception(is_transient),
             reraise=True,

@@ -140,6 +140,61 @@ def test_postgres_outage_mid_run_loses_nothing(
         assert counts(url) == undisturbed
 
 
+def test_postgres_down_for_good_stops_waiting_and_sync_completes_the_run(
+    own_pg: ThrowawayPostgres, tmp_path: Path, data_file: Path
+) -> None:
+    rounds, outage_timeout_s = 4, 40
+    args = [f"data.path={data_file}", "data.limit=300", *SMALL, f"num_rounds={rounds}"]
+    url = own_pg.create_database("gone")
+    out = tmp_path / "out"
+    proc = start_run(
+        [*args, f"outputs_dir={out}", f"tracking.outage_timeout_s={outage_timeout_s}"],
+        {"DATABASE_URL": url},
+    )
+    try:
+        wait_for_round(url, 1, proc)
+        own_pg.stop("fast")
+        stopped = time.monotonic()
+        output, _ = proc.communicate(timeout=600)
+        waited = time.monotonic() - stopped
+    finally:
+        kill_tree(proc.pid)
+    # Within the outage budget plus one round (a round here takes seconds).
+    assert waited < outage_timeout_s + 30, (waited, output[-3000:])
+    assert proc.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-5000:]
+    assert own_pg.password not in output
+    assert "tracking database unreachable" in output
+    command = f"fedpneumo sync --outputs {out / 'runs'}"
+    error = [ln for ln in output.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1 and command in error[0], output[-3000:]
+
+    own_pg.start()
+    with session_scope(get_engine(url)) as s:
+        assert s.scalars(select(Run.status)).one() == "in_progress"
+    synced = run_cli("sync", "--outputs", str(out), "--db", url)
+    assert synced.returncode == 0, synced.stderr
+    undisturbed = {
+        "runs": 1,
+        "clients": 3,
+        "run_metrics": 3 * rounds * PER_EPOCH + rounds * len(REPLY_METRICS),
+        "server_evaluations": rounds + 1,
+        "client_failures": 0,
+    }
+    assert counts(url) == undisturbed
+    assert_complete_run(get_engine(url), clients=3, rounds=rounds)
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert (run.status, run.rounds_completed) == ("completed", rounds)
+
+    resumed = run_cli("resume", str(run.id), "--db", url)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "nothing left to resume" in resumed.stdout
+    with session_scope(get_engine(url)) as s:
+        assert s.scalars(select(Run.status)).one() == "completed"
+    assert counts(url) == undisturbed
+
+
 def test_killed_run_resumes_in_the_same_run(
     pg_server: ThrowawayPostgres, tmp_path: Path, data_file: Path
 ) -> None:
