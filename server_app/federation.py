@@ -43,6 +43,10 @@ from server_app.strategy import make_strategy
 log = logging.getLogger(__name__)
 
 NODE_WAIT_S = 60.0
+# No SuperNode joined for this long: the federation is as big as it gets. A
+# simulation registers all its SuperNodes at once; deployed ones join as they
+# start, within seconds of each other.
+NODE_SETTLE_S = 15.0
 ROUND_TIMEOUT_S = 3600.0
 
 
@@ -65,9 +69,20 @@ def setup_logging() -> None:
             logger.propagate = False
 
 
-def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_S) -> int:
-    """Wait until the configured number of SuperNodes is connected."""
+def wait_for_nodes(
+    grid: Grid,
+    expected: int,
+    timeout_s: float = NODE_WAIT_S,
+    settle_s: float = NODE_SETTLE_S,
+) -> int:
+    """Wait until the configured number of SuperNodes is connected.
+
+    Fails once the count has not grown for ``settle_s`` (a federation that
+    is smaller than configured, say Flower's default of 2 SuperNodes), or
+    after ``timeout_s``, with the setting to change.
+    """
     deadline = time.monotonic() + timeout_s
+    seen, changed = -1, time.monotonic()
     while True:
         connected = len(list(grid.get_node_ids()))
         if connected >= expected:
@@ -78,11 +93,15 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_S) ->
                     expected,
                 )
             return connected
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if connected != seen:
+            seen, changed = connected, now
+        if now > deadline or (connected > 0 and now - changed > settle_s):
             raise ConfigError(
-                f"simulation.num_supernodes={expected} but only {connected} "
-                "SuperNodes connected; start that many (flwr run . --federation-"
-                f"config 'num-supernodes={expected}') or use `fedpneumo run`"
+                f"simulation.num_supernodes={expected} but the federation has "
+                f"{connected} SuperNodes; start it with `flwr run . --federation-"
+                f'config "num-supernodes={expected}"`, or pass '
+                f"simulation.num_supernodes={connected} in the overrides"
             )
         time.sleep(1.0)
 

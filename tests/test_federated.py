@@ -12,7 +12,6 @@ import pytest
 from sqlalchemy import Engine, func, select, text, true
 from sqlalchemy.engine import make_url
 
-from fedpneumo.launcher import LocalSuperLink
 from persistence.db import dispose_engines, get_engine, session_scope
 from persistence.models import Client, Run, RunMetric, ServerEvaluation
 from tests.conftest import make_db_url, run_cli
@@ -187,31 +186,6 @@ def test_strategy_sweep_completes_through_flower(sqlite_session: Session) -> Non
                 )
             ).all()
             assert sorted(rounds) == [0, 1, 2], run.strategy
-
-
-def test_plain_flwr_run_with_overrides_string(tmp_path: Path, data_file: Path) -> None:
-    """The Flower-native entry point: `flwr run . -c 'overrides="..."'`."""
-    db = tmp_path / "plain.db"
-    overrides = (
-        f"data.path={data_file} data.limit=300 model.width=8 "
-        "simulation.num_supernodes=2 num_rounds=1 strategy=fedprox "
-        f"partition.alpha=0.1 outputs_dir={tmp_path} db.sqlite_path={db}"
-    )
-    lines: list[str] = []
-    import os
-
-    with LocalSuperLink(dict(os.environ), tmp_path) as superlink:
-        outcome = superlink.submit(
-            {"overrides": overrides, "resume-run-id": 0},
-            "num-supernodes=2 client-resources-num-cpus=1",
-            lines.append,
-        )
-    assert outcome.completed, "\n".join(lines[-50:])
-    with session_scope(get_engine(f"sqlite:///{db}")) as s:
-        run = s.scalars(select(Run)).one()
-        assert (run.strategy, run.status) == ("fedprox", "completed")
-        assert run.config["partition"]["alpha"] == 0.1
-        assert run.partition == "dirichlet(alpha=0.1)"
 
 
 def test_bad_override_stops_before_anything_starts(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from persistence.models import Client, ClientFailure, Run, RunMetric, ServerEval
 from persistence.spool import DurableWriter
 from tests.conftest import run_cli
 from tests.faults import fault_app
+from tests.mounts import tmpfs
 from tests.pg_server import ThrowawayPostgres
 from tests.test_federated import PER_EPOCH, assert_complete_run
 
@@ -125,6 +126,9 @@ def test_postgres_outage_mid_run_loses_nothing(
         kill_tree(proc.pid)
     assert proc.returncode == 0, output[-3000:]
     assert own_pg.password not in output
+    # The console says when tracking fell back to the spool and when it recovered.
+    assert "tracking database unreachable" in output
+    assert "tracking database reachable again" in output
     assert counts(url) == undisturbed
     assert_complete_run(get_engine(url), clients=3, rounds=6)
     keys = metric_keys(url)
@@ -193,6 +197,44 @@ def test_postgres_down_for_good_stops_waiting_and_sync_completes_the_run(
     with session_scope(get_engine(url)) as s:
         assert s.scalars(select(Run.status)).one() == "completed"
     assert counts(url) == undisturbed
+
+
+def fill(folder: Path) -> None:
+    """Write into folder until its file system has no space left."""
+    with (folder / "filler").open("wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 2**20)
+        except OSError:
+            pass
+
+
+def test_a_full_outputs_disk_fails_the_run_with_the_reason(
+    tmp_path: Path, data_file: Path
+) -> None:
+    db = tmp_path / "tracking.db"
+    url = f"sqlite:///{db}"
+    args = [f"data.path={data_file}", "data.limit=300", *SMALL, "num_rounds=30"]
+    with tmpfs(tmp_path / "out", "64m") as out:
+        proc = start_run([*args, f"outputs_dir={out}", f"db.sqlite_path={db}"], {})
+        try:
+            wait_for_round(url, 1, proc)
+            fill(out)
+            output, _ = proc.communicate(timeout=300)
+        finally:
+            kill_tree(proc.pid)
+        leftovers = [str(p) for p in out.rglob("*.tmp")]
+    assert proc.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-5000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: federated run 1 failed: ") and (
+        "No space left on device" in last
+    ), output[-3000:]
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert run.status == "failed" and 1 <= run.rounds_completed < 30
+        assert "No space left on device" in run.error_message
+    assert leftovers == []
 
 
 def test_killed_run_resumes_in_the_same_run(

@@ -287,3 +287,21 @@ def test_a_resource_error_is_one_line_from_the_script(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("error: simulation.client_num_cpus=512 but only")
     assert len(done.stderr.splitlines()) == 1 and not done.stdout
+
+
+def test_a_federation_smaller_than_configured_fails_once_it_stops_growing() -> None:
+    from client_app.app import app
+    from server_app.config import ConfigError
+    from server_app.federation import wait_for_nodes
+    from tests.loopback import LoopbackGrid
+
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        wait_for_nodes(LoopbackGrid(app, 2), 3, timeout_s=60, settle_s=0.5)
+    assert time.monotonic() - started < 5
+    assert str(error.value) == (
+        "simulation.num_supernodes=3 but the federation has 2 SuperNodes; start "
+        'it with `flwr run . --federation-config "num-supernodes=3"`, or pass '
+        "simulation.num_supernodes=2 in the overrides"
+    )
+    assert wait_for_nodes(LoopbackGrid(app, 3), 3, settle_s=0.5) == 3
