@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from fedpneumo.flower import APP_DIR, FlowerOutcome
 from fedpneumo.launcher import LocalSuperLink
 from fedpneumo.progress import ProgressReporter
@@ -24,8 +26,8 @@ from persistence.db import (
     session_scope,
     upgrade_database,
 )
+from persistence.errors import DatabaseError
 from persistence.models import Run, RunStatus
-from persistence.spool import is_transient
 from server_app.compose import (
     config_from_snapshot,
     database_url,
@@ -83,7 +85,7 @@ class SessionOutcome:
         if self.pending:
             return pending_message(self.pending, self.url)
         if self.db_error:
-            return f"the run's status cannot be read: {self.db_error}"
+            return f"the run's status is unknown: {self.db_error}"
         reason = (self.run.error_message if self.run else None) or self.flower.details
         label = (
             f"run {self.run.id}"
@@ -279,9 +281,8 @@ def launch(
         outcome_.run = find_run(url, outcome.flwr_run_id)
         if not outcome.completed and outcome_.run is not None:
             outcome_.run = close_abandoned(outcome_.run, url, handler)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
+    except (DBAPIError, DatabaseError) as exc:
+        # Down, or refusing writes (a SQLite file on a full disk): say so.
         outcome_.db_error = describe_error(exc, url)
     return outcome_
 
