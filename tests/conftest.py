@@ -81,12 +81,16 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from client_app.data import make_synthetic
 
     data = make_synthetic(n_train=600, n_val=200, seed=3)
-    path = tmp_path_factory.mktemp("data") / "pneumoniamnist.npz"
+    return save_npz(data, tmp_path_factory.mktemp("data") / "pneumoniamnist.npz")
+
+
+def save_npz(data: object, path: Path) -> Path:
+    """Save an ``XrayData`` in MedMNIST's ``<split>_images/labels`` layout."""
     np.savez(
         path,
         **{
             f"{name}_{kind}": getattr(split, kind)
-            for name, split in data.splits.items()
+            for name, split in data.splits.items()  # type: ignore[attr-defined]
             for kind in ("images", "labels")
         },
     )

@@ -42,18 +42,23 @@ def read_only(folder: Path, files: dict[str, bytes] | None = None) -> Iterator[P
         yield folder
 
 
+def fill(folder: Path) -> None:
+    """Write into folder until its file system has no space left."""
+    fh = (folder / ".filler").open("ab", buffering=0)
+    try:
+        while True:
+            fh.write(b"\0" * 4096)
+    except OSError:
+        pass  # no space left: the point
+    finally:
+        fh.close()
+
+
 @contextmanager
 def full(folder: Path) -> Iterator[Path]:
     """A folder on a file system with no space left, for the block."""
     with tmpfs(folder, "64k"):
-        fh = (folder / ".filler").open("wb", buffering=0)
-        try:
-            while True:
-                fh.write(b"\0" * 4096)
-        except OSError:
-            pass  # no space left: the point
-        finally:
-            fh.close()
+        fill(folder)
         yield folder
 
 

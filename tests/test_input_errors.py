@@ -25,7 +25,7 @@ from persistence import repositories as repo
 from persistence.db import dispose_engines, get_engine, session_scope
 from server_app.compose import load_config
 from server_app.config import ConfigError
-from tests.conftest import cli, run_cli
+from tests.conftest import cli, run_cli, save_npz
 from tests.factories import federated_run
 from tests.mounts import read_only
 
@@ -73,16 +73,7 @@ def write_folder(root: Path, counts: dict[str, tuple[int, int]]) -> Path:
 def eval_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small two-class .npz to evaluate on."""
     data = make_synthetic(n_train=20, n_val=20, seed=1)
-    path = tmp_path_factory.mktemp("eval") / "eval.npz"
-    np.savez(
-        path,
-        **{
-            f"{name}_{kind}": getattr(split, kind)
-            for name, split in data.splits.items()
-            for kind in ("images", "labels")
-        },
-    )
-    return path
+    return save_npz(data, tmp_path_factory.mktemp("eval") / "eval.npz")
 
 
 def saved(path: Path, model_spec: dict, weights_of: dict | None = None) -> Path:

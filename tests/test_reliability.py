@@ -24,7 +24,7 @@ from persistence.models import Client, ClientFailure, Run, RunMetric, ServerEval
 from persistence.spool import DurableWriter
 from tests.conftest import run_cli
 from tests.faults import fault_app
-from tests.mounts import tmpfs
+from tests.mounts import fill, tmpfs
 from tests.pg_server import ThrowawayPostgres
 from tests.test_federated import PER_EPOCH, assert_complete_run
 
@@ -197,16 +197,6 @@ def test_postgres_down_for_good_stops_waiting_and_sync_completes_the_run(
     with session_scope(get_engine(url)) as s:
         assert s.scalars(select(Run.status)).one() == "completed"
     assert counts(url) == undisturbed
-
-
-def fill(folder: Path) -> None:
-    """Write into folder until its file system has no space left."""
-    with (folder / "filler").open("wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 2**20)
-        except OSError:
-            pass
 
 
 def test_a_full_outputs_disk_fails_the_run_with_the_reason(
