@@ -192,7 +192,12 @@ class MetricsCollectorCallback(Callback):
             self.persist_to_database()
         finally:
             if self._owns_run:
-                reason = f"{type(exc).__name__}: {exc}".strip()
+                detail = str(exc) or (
+                    "interrupted by the user (Ctrl-C)"
+                    if isinstance(exc, KeyboardInterrupt)
+                    else "no message"
+                )
+                reason = f"{type(exc).__name__}: {detail}"
                 self._close_run(RunStatus.FAILED, error=reason)
 
     def _close_run(

@@ -6,6 +6,7 @@ No Flower imports: this module is the ``task.py`` of the app.
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import pickle
@@ -319,20 +320,39 @@ def _finish_best(
     return result
 
 
+def serialized(obj: Any) -> bytes:
+    """Return ``torch.save``'s bytes for obj.
+
+    Serialising in memory first makes a full disk fail as the plain
+    ``OSError: No space left on device`` of the file write, not as torch's
+    opaque RuntimeError from inside its zip writer.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write data to path through a temp file and a rename; no half file remains."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(
     path: Path, model: nn.Module, *, threshold: float, meta: Mapping[str, Any]
 ) -> Path:
     """Save weights, decision threshold and model settings atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    try:
-        torch.save({"state_dict": state, "threshold": threshold, **meta}, tmp)
-        tmp.replace(path)
-    except (OSError, RuntimeError):
-        # torch reports a full disk as RuntimeError; no half file stays behind.
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file_atomically(
+        path, serialized({"state_dict": state, "threshold": threshold, **meta})
+    )
     return path
 
 

@@ -62,15 +62,18 @@ def centralized_collector(
     cfg: AppConfig, url: str, save_dir: Path, data: XrayData
 ) -> MetricsCollectorCallback:
     """Return a collector that creates the centralized Run in the experiment."""
-    with session_scope(get_engine(url)) as db:
-        experiment_id = repo.get_or_create_experiment(db, name=cfg.experiment_name).id
+    experiment_id = None
+    if url:
+        with session_scope(get_engine(url)) as db:
+            experiment = repo.get_or_create_experiment(db, name=cfg.experiment_name)
+            experiment_id = experiment.id
     return MetricsCollectorCallback(
         save_dir,
         experiment_name=cfg.experiment_name,
         experiment_id=experiment_id,
         training_mode="centralized",
         enable_db_persistence=cfg.tracking.enable_db,
-        database_url=url,
+        database_url=url or None,
         run_fields={
             "seed": cfg.seed,
             "num_rounds": cfg.train.epochs,
@@ -83,8 +86,9 @@ def run_centralized(cfg: AppConfig) -> CentralizedResult:
     """Train on the train split, select on val, record one centralized run."""
     # Validate the input before touching the database: bad data leaves no trace.
     data = configured_data(cfg, allow_synthetic_fallback=True)
-    url = database_url(cfg)
-    upgrade_database(url)
+    url = database_url(cfg) if cfg.tracking.enable_db else ""
+    if url:
+        upgrade_database(url)
     train, val = data.split("train"), data.split("val")
     test = data.splits.get("test")
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from fedpneumo.flower import APP_DIR
-from fedpneumo.runs_cli import DbOption, runs_app
+from fedpneumo.runs_cli import DbOption, check_run_ids, runs_app
 from persistence.errors import FedPneumoError
 
 app = typer.Typer(
@@ -91,16 +95,25 @@ Overrides = Annotated[
 def train(overrides: Overrides = None) -> None:
     """Train a centralized baseline; select on val; record one centralized run."""
     from server_app.compose import database_url, load_config, resolve_paths
-    from server_app.resources import check_outputs
+    from server_app.resources import check_compute, check_outputs
 
     cfg = resolve_paths(load_config(overrides or []))
+    check_compute(cfg)
     check_outputs(cfg)
     # Imported once the config is valid: a typo fails before torch loads.
     from fedpneumo.centralized import run_centralized
     from fedpneumo.summary import print_centralized_summary
 
-    result = run_centralized(cfg)
-    print_centralized_summary(console, result, database_url(cfg))
+    try:
+        result = run_centralized(cfg)
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            "interrupted: training stopped and its tracked run is marked failed; "
+            "run the same command to start again\n"
+        )
+        raise
+    url = database_url(cfg) if cfg.tracking.enable_db else ""
+    print_centralized_summary(console, result, url)
 
 
 @app.command(context_settings=OVERRIDES_CONTEXT)
@@ -128,7 +141,10 @@ def run(
 
 @app.command()
 def resume(
-    run_id: Annotated[int, typer.Argument(help="The tracking database's run id.")],
+    run_id: Annotated[
+        int,
+        typer.Argument(help="The tracking database's run id.", callback=check_run_ids),
+    ],
     db: DbOption = None,
     outputs: Annotated[
         Path, typer.Option(help="Outputs folder holding the default SQLite file.")
@@ -144,7 +160,7 @@ def resume(
     from persistence.db import default_database_url
 
     url = db or default_database_url(outputs)
-    done = finish_if_done(run_id, url)
+    done = finish_if_done(run_id, url, force=force)
     if done is not None:
         console.print(
             f"run {run_id} is completed ({done.rounds_completed}/{done.num_rounds} "
@@ -173,25 +189,30 @@ def sync(
     ] = Path("outputs"),
     db: DbOption = None,
 ) -> None:
-    """Write metric batches spooled while the database was unreachable."""
-    from persistence.db import DatabaseError, default_database_url, describe_error
-    from persistence.spool import is_transient
+    """Write metric batches spooled while the database was unreachable.
+
+    A file that can never be written (malformed, or its run is gone) is moved
+    to rejected/ beside its spool and the others go on (exit 1). A database
+    that cannot take them (down, missing, not a tracking database) stops the
+    replay and leaves every file in place; no database is created.
+    """
+    from persistence.db import default_database_url
+    from persistence.errors import FailedRunError
     from persistence.spool import sync as replay_spools
 
     if not outputs.is_dir():
         raise typer.BadParameter(f"{outputs} is not a folder", param_hint="--outputs")
     url = db or default_database_url(outputs)
-    try:
-        files, stored, rejected = replay_spools(url, outputs)
-    except Exception as exc:
-        if is_transient(exc):
-            raise DatabaseError(describe_error(exc, url)) from None
-        raise
+    # Database failures come back as one DatabaseError line, files left in place.
+    files, stored, rejected = replay_spools(url, outputs)
     console.print(
         f"replayed {files} spooled batches: {stored} new rows, {rejected} rejected"
     )
     if rejected:
-        raise typer.Exit(1)
+        raise FailedRunError(
+            f"{rejected} of {files} spooled batches were rejected; each is named in "
+            "a line above, with the reason and where the file is now"
+        )
 
 
 @app.command("evaluate")
@@ -213,10 +234,92 @@ def evaluate_cmd(
 
 
 def main() -> None:
-    """Run the CLI; our errors exit with their code and a one-line message."""
+    """Run the CLI; our errors exit with their code and a one-line message.
+
+    Output that cannot be written ends the same way: a reader that went away
+    (``| head -1``) exits quietly with 141 (128 + SIGPIPE), as Unix tools
+    killed by SIGPIPE do; a full disk or another write error is one line.
+    """
+    stdout = _WatchedOutput(sys.stdout) if sys.stdout is not None else None
+    if stdout is not None:
+        sys.stdout = stdout  # type: ignore[assignment]
+    code: int | str | None = 0
+    try:
+        code = _run_app()
+        if stdout is not None:
+            stdout.flush()  # now, not at interpreter exit, where it cannot be handled
+    except OSError:
+        if stdout is None or stdout.failed is None:
+            raise
+    finally:
+        if stdout is not None and sys.stdout is not stdout.stream:
+            sys.stdout = stdout.stream
+    if stdout is not None and stdout.failed is not None:
+        code = _output_failed(stdout.stream, stdout.failed)
+    sys.exit(code)
+
+
+def _run_app() -> int | str | None:
     try:
         app()
+    except SystemExit as done:
+        return done.code
     except FedPneumoError as exc:
         # One plain line, never wrapped: scripts and users grep for it.
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(exc.exit_code)
+        _stderr_line(f"error: {exc}")
+        return exc.exit_code
+    return 0
+
+
+class _WatchedOutput:
+    """Stdout that remembers its first failed write.
+
+    main() then knows that an OSError (or the quiet exit rich and click make
+    on a broken pipe) came from writing the output, not from anything else.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.failed: OSError | None = None
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as exc:
+            self.failed = self.failed or exc
+            raise
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            self.failed = self.failed or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _output_failed(stream: Any, exc: OSError) -> int:
+    # Point the descriptor at /dev/null: what is still buffered is then
+    # discarded at exit instead of failing again with "Exception ignored".
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    if exc.errno == errno.EPIPE:
+        return 128 + signal.SIGPIPE
+    reason = exc.strerror or str(exc)
+    _stderr_line(f"error: cannot write the output ({reason})")
+    return 1
+
+
+def _stderr_line(line: str) -> None:
+    # stderr may be broken too (2>&1 into the same full disk): then say nothing.
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()

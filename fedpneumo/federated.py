@@ -31,7 +31,9 @@ from persistence.models import Run, RunStatus
 from server_app.compose import (
     config_from_snapshot,
     database_url,
+    first_line,
     load_config,
+    mask_override,
     parse_overrides,
     resolve_paths,
 )
@@ -123,11 +125,18 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     parsed = parse_overrides(overrides)
     choices = []
     for override, text in zip(parsed, overrides, strict=True):
-        if override.is_sweep_override():
-            key = text.split("=", 1)[0]
-            choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
-        else:
+        if not override.is_sweep_override():
             choices.append([text])
+            continue
+        key = text.split("=", 1)[0]
+        try:
+            values = list(override.sweep_string_iterator())
+        except Exception as exc:  # Hydra raises many types for odd sweeps
+            raise ConfigError(
+                f"cannot expand the sweep {mask_override(text)!r} "
+                f"({first_line(exc)}); list the values: {key}=a,b,c"
+            ) from None
+        choices.append([f"{key}={v}" for v in values])
     return [list(combo) for combo in itertools.product(*choices)]
 
 
@@ -156,8 +165,8 @@ def federation_config(cfg: AppConfig) -> str:
 def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
     """Compose and check everything that can fail before Flower starts."""
     cfg = resolve_paths(load_config(overrides))
-    check_outputs(cfg)
     check_compute(cfg)
+    check_outputs(cfg)
     # Imported once the config is valid: a typo fails before torch and the
     # data stack load (about three seconds).
     from server_app.factories import check_partitions, configured_data
@@ -343,6 +352,8 @@ def run_sessions(
 ) -> list[SessionOutcome]:
     """Run one session, or one per combination of a sweep, on one SuperLink."""
     combos = expand_sweep(overrides) if multirun else [list(overrides)]
+    for combo in combos:  # every combination valid before any creates a database
+        load_config(combo)
     prepared = [(combo, *prepare(combo)) for combo in combos]
     outcomes = []
     cwd = Path.cwd()
@@ -361,20 +372,50 @@ def run_sessions(
     return outcomes
 
 
-def finish_if_done(run_id: int, url: str) -> Run | None:
+def _existing_database(url: str) -> None:
+    """Refuse to resume against a SQLite file that does not exist (never create one)."""
+    if not url.startswith("sqlite"):
+        return
+    from sqlalchemy.engine import make_url
+
+    from persistence.db import check_sqlite_path
+
+    check_sqlite_path(url, create_folder=False)
+    path = make_url(url).database
+    if not path or path == ":memory:" or not Path(path).is_file():
+        raise DatabaseError(
+            f"database file {path} does not exist; give the run's database with "
+            "--db (or --outputs for the folder holding fedpneumo.db)"
+        )
+
+
+def _check_alive(run: Run, force: bool) -> None:
+    from fedpneumo.reports import is_stale
+
+    if run.status == RunStatus.IN_PROGRESS and not force and not is_stale(run):
+        raise ConfigError(
+            f"run {run.id} is still in progress (pid {run.pid} on {run.host}); "
+            "wait for it or stop it first (--force overrides this check)"
+        )
+
+
+def finish_if_done(run_id: int, url: str, *, force: bool = False) -> Run | None:
     """Replay a run's spools; complete it if every round already ran.
 
     Returns the run when it is completed (before or now), None when rounds
     are left to train. A run that ended while the database was down has its
     rows and status in its spools: they are written first, so nothing is
-    trained twice and a fully trained run is never marked failed.
+    trained twice and a fully trained run is never marked failed. A run that
+    looks alive is left alone unless ``force``.
     """
     from persistence.spool import sync
-    from server_app.evaluate import ROUND_STATE, load_round_state
+    from server_app.round_state import ROUND_STATE, load_round_state
 
+    _existing_database(url)
     upgrade_database(url)
     with session_scope(get_engine(url)) as db:
         run = repo.require_run(db, run_id)
+        _check_alive(run, force)
     outputs = Path(run.outputs_path) if run.outputs_path else None
     if outputs is not None and outputs.is_dir():
         files, stored, _ = sync(url, outputs)
@@ -407,23 +448,25 @@ def resume_session(
     force: bool = False,
     app_dir: Path = APP_DIR,
 ) -> SessionOutcome:
-    """Continue a federated run from its last completed round."""
-    from fedpneumo.reports import is_stale
-    from server_app.runs import resumable_run
+    """Continue a federated run from its last completed round.
+
+    Everything that can refuse the resume (a live run, a missing or foreign
+    round checkpoint, weights of another model) is checked here, before
+    Flower starts and before any row is deleted.
+    """
+    from server_app.runs import checked_round_state, resumable_run
 
     with session_scope(get_engine(url)) as db:
         run = resumable_run(db, run_id)
-        if run.status == RunStatus.IN_PROGRESS and not force and not is_stale(run):
-            raise ConfigError(
-                f"run {run_id} is still in progress (pid {run.pid} on {run.host}); "
-                "wait for it or stop it first (--force overrides this check)"
-            )
+        _check_alive(run, force)
         snapshot_cfg = dict(run.config or {})
         done = run.rounds_completed
+        outputs = run.outputs_path
     current = load_config([])
     if url.startswith("sqlite"):
         current.db.sqlite_path = url.removeprefix("sqlite:///")
     cfg = config_from_snapshot(snapshot_cfg, current)
+    checked_round_state(cfg, Path(outputs or ""), run_id)
     overrides = [
         f"outputs_dir={cfg.outputs_dir}",
         f"db.sqlite_path={cfg.db.sqlite_path}",

@@ -23,6 +23,13 @@ def check_output_folder(path: Path, option: str = "--output") -> None:
     Called before any work, so that a typo in the path fails at once; the
     folder is never created, as a typo would then make deep paths silently.
     """
+    # "", "." and "/" have no file name: the temp file beside them cannot be
+    # named, and an existing folder would only fail at the final rename.
+    if path.name in ("", ".", "..") or _is_dir(path):
+        raise InputError(
+            f"{option} {str(path)!r} is a folder, not a file; give the path of "
+            "a file to write (in an existing folder)"
+        )
     folder = path.parent
     if not folder.exists():
         raise InputError(
@@ -34,6 +41,13 @@ def check_output_folder(path: Path, option: str = "--output") -> None:
             f"{option} {path}: {folder} is not a folder; "
             "give a path inside an existing folder"
         )
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False  # a name too long, say: the write reports it
 
 
 def write_atomically(

@@ -44,6 +44,24 @@ DbOption = Annotated[
 ]
 
 
+def check_run_ids(value: Any) -> Any:
+    """Reject run ids no database can hold, as unknown runs (exit 2).
+
+    A Typer callback for run-id arguments (one id or a list): SQLite cannot
+    even look up an id past 64 bits, so without this it raises OverflowError.
+    """
+    from persistence.errors import RunNotFoundError
+    from persistence.repositories import MAX_ID
+
+    for run_id in value if isinstance(value, list) else [value]:
+        if run_id is not None and not 1 <= run_id <= MAX_ID:
+            raise RunNotFoundError(run_id)
+    return value
+
+
+RunId = Annotated[int, typer.Argument(help="The run's id.", callback=check_run_ids)]
+
+
 class ExportFormat(StrEnum):
     """File formats of ``runs export``."""
 
@@ -105,7 +123,7 @@ def list_runs(
 
 @runs_app.command("show")
 def show(
-    run_id: Annotated[int, typer.Argument(help="The run's id.")],
+    run_id: RunId,
     db: DbOption = None,
 ) -> None:
     """Show a run: details, config, validation per round/epoch, clients."""
@@ -131,7 +149,9 @@ def show(
 
 @runs_app.command("compare")
 def compare(
-    run_ids: Annotated[list[int], typer.Argument(help="Two or more run ids.")],
+    run_ids: Annotated[
+        list[int], typer.Argument(help="Two or more run ids.", callback=check_run_ids)
+    ],
     db: DbOption = None,
 ) -> None:
     """Compare runs side by side: best and final val metrics, config differences.
@@ -194,7 +214,9 @@ def _json(value: Any) -> str:
 
 @runs_app.command("plot")
 def plot(
-    run_ids: Annotated[list[int], typer.Argument(help="One or more run ids.")],
+    run_ids: Annotated[
+        list[int], typer.Argument(help="One or more run ids.", callback=check_run_ids)
+    ],
     output: Annotated[
         Path,
         typer.Option(
@@ -226,7 +248,7 @@ def plot(
 
 @runs_app.command("export")
 def export(
-    run_id: Annotated[int, typer.Argument(help="The run's id.")],
+    run_id: RunId,
     fmt: Annotated[
         ExportFormat, typer.Option("--format", "-f", help="csv or json.")
     ] = ExportFormat.json,

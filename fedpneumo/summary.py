@@ -40,7 +40,8 @@ def print_centralized_summary(console: Console, result: Any, url: str) -> None:
     summary = result.fit.summary
     synthetic = bool(getattr(result.data, "synthetic", False))
     tag = " on synthetic data" if synthetic else ""
-    table = Table(title=f"centralized run {result.run_id}: completed{tag}")
+    label = f"centralized run {result.run_id}" if url else "centralized training"
+    table = Table(title=f"{label}: completed{tag}")
     table.add_column("split")
     for key in HEADLINE:
         table.add_column(key, justify="right")
@@ -58,7 +59,9 @@ def print_centralized_summary(console: Console, result: Any, url: str) -> None:
         console.print(SYNTHETIC_NOTE)
     console.print(f"checkpoint: {summary.get('checkpoint_path')}")
     console.print(f"metrics:    {result.save_dir}")
-    console.print(f"database:   {mask_url(url)}")
+    console.print(
+        f"database:   {mask_url(url) if url else 'none (tracking.enable_db=false)'}"
+    )
 
 
 def print_federated_summary(console: Console, outcome: Any) -> None:

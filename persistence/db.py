@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -19,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from persistence.errors import DatabaseError
+from persistence.errors import DatabaseError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +61,54 @@ def default_database_url(outputs_dir: str | Path = "outputs") -> str:
 
 
 def mask_url(url: str) -> str:
-    """Return the URL with its password replaced by ``***``."""
+    """Return the URL with its password, and any password query value, as ``***``.
+
+    A string that does not parse as a URL is returned as given, except that
+    everything between ``://`` (or the start) and the last ``@`` is masked
+    when it may hold a password: the user needs to see what they typed.
+    """
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable database URL>"
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        parsed = None
+    if parsed is not None and "@" not in (parsed.host or ""):
+        masked = parsed.render_as_string(hide_password=True)
+    else:
+        # Unparsed, or a raw "@" in the password that SQLAlchemy took for the
+        # host: hide the whole user-info part.
+        masked = _mask_userinfo(url)
+    return _PASSWORD_QUERY.sub(r"\1***", masked)
+
+
+# A query parameter whose name contains "password" (password=, sslpassword=).
+_PASSWORD_QUERY = re.compile(r"([?&][^=&]*password[^=&]*=)[^&]*", re.IGNORECASE)
+
+
+def _mask_userinfo(text: str) -> str:
+    if "@" not in text or ":" not in text:
+        return text
+    start = text.find("://")
+    start = 0 if start < 0 else start + 3
+    end = text.rfind("@")
+    return text[:start] + "***" + text[end:] if end > start else text
+
+
+def _secrets(url: str) -> list[str]:
+    """Return the password-like parts of a URL, to scrub from error texts."""
+    found = [m.group(0).split("=", 1)[1] for m in _PASSWORD_QUERY.finditer(url)]
+    try:
+        password = make_url(url).password
+    except (ArgumentError, ValueError):
+        password = None
+    if password:
+        found.append(str(password))
+    start = url.find("://")
+    start = 0 if start < 0 else start + 3
+    userinfo = url[start : max(url.rfind("@"), start)]
+    if ":" in userinfo:
+        # The raw password text, as a driver may echo it back.
+        found.append(userinfo.split(":", 1)[1])
+    return sorted({s for s in found if s}, key=len, reverse=True)
 
 
 def normalize_url(url: str) -> str:
@@ -79,21 +124,96 @@ def normalize_url(url: str) -> str:
     return url
 
 
+class DatabaseURLError(InputError, DatabaseError):
+    """A database URL that cannot be used as written (exit code 2).
+
+    Still a ``DatabaseError``, so code that handles database failures handles
+    it; but the fix is in the user's input, hence InputError's exit code.
+    """
+
+
+VALID_URLS = "sqlite:///path/to/file.db or postgresql://user:password@host:port/db"
+
+
 def backend_of(url: str) -> str:
-    """Return the backend name (``sqlite`` or ``postgresql``) of a URL, or raise."""
+    """Return the backend name (``sqlite`` or ``postgresql``) of a URL, or raise.
+
+    Raises:
+        DatabaseURLError: the URL does not parse, or names another backend.
+    """
     try:
         backend = make_url(normalize_url(url)).get_backend_name()
-    except ArgumentError:
-        raise DatabaseError(
-            f"database URL {mask_url(url)!r} is not a valid URL; expected "
-            "sqlite:///path/to/file.db or postgresql://user:password@host:5432/db"
-        ) from None
+    except (ArgumentError, ValueError) as exc:
+        raise DatabaseURLError(_unparseable(url, exc)) from None
     if backend not in SUPPORTED_BACKENDS:
-        raise DatabaseError(
-            f"database backend {backend!r} is not supported; use one of: "
-            + ", ".join(SUPPORTED_BACKENDS)
+        raise DatabaseURLError(
+            f"database backend {backend!r} of {mask_url(url)!r} is not supported; "
+            f"use one of: {', '.join(SUPPORTED_BACKENDS)} (a URL like {VALID_URLS})"
         )
     return backend
+
+
+def _unparseable(url: str, exc: Exception) -> str:
+    shown = mask_url(url)
+    if isinstance(exc, ValueError):
+        # SQLAlchemy parsed it but int() refused the text after "host:".
+        problem = "has a port that is not a number"
+        if "[" in url:
+            problem += " (an IPv6 host is written in brackets: [::1]:5432)"
+    else:
+        problem = "is not a database URL"
+    hint = ""
+    if "://" not in url and "@" not in url and ("/" in url or url.endswith(".db")):
+        # A plain file path: show the URL the user probably meant.
+        hint = f" (for that SQLite file: sqlite:///{Path(url).expanduser().resolve()})"
+    return f"database URL {shown!r} {problem}; expected {VALID_URLS}{hint}"
+
+
+def new_engine(url: str, **kwargs: Any) -> Engine:
+    """Return ``create_engine(url, **kwargs)``, its failures as one line.
+
+    A driver that is not installed (``postgresql+asyncpg://``) or arguments
+    the dialect refuses are a DatabaseURLError naming the URL, not a traceback.
+    """
+    try:
+        return create_engine(url, **kwargs)
+    except ImportError as exc:
+        driver = exc.name or str(exc)
+        raise DatabaseURLError(
+            f"database URL {mask_url(url)!r} needs the Python driver {driver!r}, "
+            f"which is not installed; use {VALID_URLS}"
+        ) from None
+    except (ArgumentError, TypeError, ValueError) as exc:
+        raise DatabaseURLError(
+            f"database URL {mask_url(url)!r} cannot be used ({_scrub(exc, url)});"
+            f" expected {VALID_URLS}"
+        ) from None
+
+
+def check_sqlite_path(url: str, *, create_folder: bool) -> Path | None:
+    """Return the file of a SQLite URL (None in memory), checking that it can be.
+
+    With ``create_folder`` its folder is made; a name the file system refuses
+    (too long, a read-only or unwritable folder) is a one-line DatabaseError.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return None
+    path = Path(database).expanduser()
+    try:
+        if create_folder:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.stat()
+    except FileNotFoundError:
+        pass  # the file itself: created on first connect when writing
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        where = path if exc.filename in (None, str(path)) else exc.filename
+        raise DatabaseError(
+            f"database {mask_url(url)}: cannot use {where} ({reason}); give a "
+            "SQLite file in an existing, writable folder (sqlite:///path/to/file.db)"
+        ) from None
+    return path
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -139,13 +259,11 @@ def _create_engine(url: str) -> Engine:
     backend = backend_of(url)
     url = normalize_url(url)
     if backend == "sqlite":
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, pool_pre_ping=True)
+        check_sqlite_path(url, create_folder=True)
+        engine = new_engine(url, pool_pre_ping=True)
         _configure_sqlite(engine)
     else:
-        engine = create_engine(
+        engine = new_engine(
             url,
             pool_pre_ping=True,
             pool_size=2,
@@ -183,14 +301,7 @@ def describe_error(exc: BaseException, url: str) -> str:
     """Return a one-line, password-free description of a database failure."""
     if isinstance(exc, DatabaseError):
         return str(exc)
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    try:
-        password = make_url(url).password
-    except ArgumentError:
-        password = None
-    if password:
-        first = first.replace(str(password), "***")
+    first = _scrub(getattr(exc, "orig", None) or exc, url)
     lowered = first.lower()
     if "password authentication failed" in lowered:
         reason = "wrong user name or password"
@@ -207,6 +318,15 @@ def describe_error(exc: BaseException, url: str) -> str:
     else:
         reason = first
     return f"database {mask_url(url)}: {reason}"
+
+
+def _scrub(exc: BaseException, url: str) -> str:
+    """Return the first line of an error's text with the URL's secrets masked."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else type(exc).__name__
+    for secret in _secrets(url):
+        first = first.replace(secret, "***")
+    return first
 
 
 def _alembic_config() -> Config:

@@ -8,11 +8,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, inspect
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from persistence.db import backend_of, describe_error, mask_url, normalize_url
+from persistence.db import (
+    backend_of,
+    check_sqlite_path,
+    describe_error,
+    mask_url,
+    new_engine,
+    normalize_url,
+)
 from persistence.errors import DatabaseError
 from persistence.models import Run
 
@@ -26,17 +32,17 @@ def readonly_engine(url: str) -> Engine:
     backend = backend_of(url)
     url = normalize_url(url)
     if backend == "postgresql":
-        return create_engine(
+        return new_engine(
             url,
             connect_args={
                 "connect_timeout": 10,
                 "options": "-c default_transaction_read_only=on",
             },
         )
-    database = make_url(url).database
-    if not database or database == ":memory:":
+    path = check_sqlite_path(url, create_folder=False)
+    if path is None:
         raise DatabaseError(f"database {mask_url(url)} is in memory: it holds no runs")
-    path = Path(database).expanduser().resolve()
+    path = path.resolve()
     if not path.is_file():
         raise DatabaseError(
             f"database file {path} does not exist (check --db or DATABASE_URL)"

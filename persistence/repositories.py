@@ -29,6 +29,9 @@ from persistence.models import (
     ServerEvaluation,
 )
 
+# No row id can be larger: SQLite integers (and PostgreSQL bigints) are
+# signed 64-bit; a bigger Python int cannot even be bound to a query.
+MAX_ID = 2**63 - 1
 SERVER_EVALUATION_FIELDS = (
     "loss",
     "accuracy",
@@ -129,7 +132,11 @@ def get_run(session: Session, run_id: int) -> Run | None:
 
 def require_run(session: Session, run_id: int) -> Run:
     """Return a run by id, or raise RunNotFoundError."""
-    run = session.get(Run, run_id)
+    try:
+        run = session.get(Run, run_id)
+    except OverflowError:
+        # SQLite cannot even bind an id past 64 bits: no run can have it.
+        raise RunNotFoundError(run_id) from None
     if run is None:
         raise RunNotFoundError(run_id)
     return run

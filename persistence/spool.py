@@ -14,14 +14,34 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy import Engine, inspect
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    StatementError,
+)
 from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
-from persistence.db import DatabaseError, get_engine, mask_url, session_scope
+from persistence.db import (
+    DatabaseError,
+    backend_of,
+    check_sqlite_path,
+    describe_error,
+    get_engine,
+    mask_url,
+    normalize_url,
+    session_scope,
+)
 from persistence.entries import apply_entry
+from persistence.errors import InputError
+from persistence.models import Run
+from persistence.repositories import MAX_ID
 
 log = logging.getLogger(__name__)
 
@@ -209,27 +229,294 @@ def find_spool_dirs(root: Path) -> list[Path]:
 def sync(url: str, root: Path) -> tuple[int, int, int]:
     """Replay every spool under root; return (files, rows stored, rejected).
 
-    Entries the database rejects for good (say, their run was deleted) are
-    moved to a ``rejected`` folder beside the spool so they stop blocking.
+    Entries that can never land (malformed, or refused for good: say their run
+    was deleted) are moved to a ``rejected`` folder beside their spool, one
+    log line each, and the replay goes on with the others. A database failure
+    (unreachable, full, not a tracking database) stops it with a one-line
+    DatabaseError and leaves the files in place for the next sync. Nothing is
+    written, and no SQLite file created, when nothing is pending.
     """
-    files = stored = rejected = 0
-    engine = get_engine(url)
     entries, finishes = [], []
     for folder in find_spool_dirs(root):
         for path in pending_files(folder):
             (finishes if RUN_FINISH in path.name else entries).append(path)
-    for path in entries + finishes:
-        files += 1
+    pending = entries + finishes
+    if not pending:
+        return 0, 0, 0
+    try:
+        engine = _tracking_engine(url)
+    except DBAPIError as exc:
+        raise _stopped(exc, url, len(pending)) from None
+    files = stored = rejected = 0
+    for index, path in enumerate(pending):
         try:
-            entry = json.loads(path.read_text())
-            with session_scope(engine) as session:
-                stored += apply_entry(session, entry)
-        except (IntegrityError, ValueError, KeyError) as exc:
-            target = path.parent.parent / REJECTED_DIRNAME
-            target.mkdir(exist_ok=True)
-            path.replace(target / path.name)
+            entry = _read_entry(path)
+            if entry is not None:
+                with session_scope(engine) as session:
+                    stored += apply_entry(session, entry)
+        except Exception as exc:
+            if not _refused_for_good(exc):
+                if isinstance(exc, DBAPIError | DatabaseError):
+                    raise _stopped(exc, url, len(pending) - index) from None
+                raise
+            _reject(path, _reason(exc))
+            files += 1
             rejected += 1
-            log.error("rejected %s: %s", path, str(exc).splitlines()[0])
             continue
+        if entry is None:
+            continue  # committed meanwhile by another process
+        files += 1
         path.unlink(missing_ok=True)
     return files, stored, rejected
+
+
+def _stopped(exc: BaseException, url: str, left: int) -> DatabaseError:
+    """Return the one-line error that ends a sync the database cannot take."""
+    files = "file" if left == 1 else "files"
+    return DatabaseError(
+        f"{describe_error(exc, url)}; {left} spooled {files} left in place for "
+        "the next fedpneumo sync"
+    )
+
+
+class BadEntry(ValueError):
+    """A spool file that can never be replayed (not JSON, wrong fields)."""
+
+
+def _tracking_engine(url: str) -> Engine:
+    """Return the engine of an existing tracking database, never creating one."""
+    if backend_of(url) == "sqlite":
+        path = check_sqlite_path(normalize_url(url), create_folder=False)
+        if path is None or not path.is_file():
+            what = "is in memory" if path is None else "does not exist"
+            if path is not None and path.exists():
+                what = "is not a file"
+            raise DatabaseError(
+                f"database {mask_url(url)} {what}; spooled entries belong in the "
+                "tracking database their runs were recorded in: give it with "
+                "--db (or DATABASE_URL), e.g. --db sqlite:///path/to/fedpneumo.db"
+            )
+    engine = get_engine(url)
+    with engine.connect() as conn:  # unreachable, not a database: DBAPIError
+        tracked = inspect(conn).has_table(Run.__tablename__)
+    if not tracked:
+        raise DatabaseError(
+            f"database {mask_url(url)} has no fedpneumo runs table; give the "
+            "tracking database the runs were recorded in with --db (or DATABASE_URL)"
+        )
+    return engine
+
+
+def _refused_for_good(exc: BaseException) -> bool:
+    """Return True when an entry, not the database, is at fault."""
+    if isinstance(exc, DatabaseError):
+        return False  # ours: the database failed (InputErrors are the entry's)
+    if isinstance(exc, InputError | IntegrityError | DataError):
+        # A run that does not exist, a foreign key, a value out of range.
+        return True
+    if isinstance(exc, DBAPIError):
+        return False  # unreachable, full, read-only: the next sync may work
+    # Parameters SQLAlchemy could not convert, and what apply_entry raises on
+    # fields it did not expect.
+    return isinstance(
+        exc, StatementError | ValueError | TypeError | KeyError | AttributeError
+    ) or isinstance(exc, OverflowError)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, BadEntry | InputError):
+        return str(exc)
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        exc = exc.orig  # the driver's own words, without SQL and parameters
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _reject(path: Path, reason: str) -> None:
+    """Move a spool file aside to ``rejected/`` so it stops blocking the spool."""
+    target = path.parent.parent / REJECTED_DIRNAME
+    try:
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"{target} exists and is not a folder")
+        target.mkdir(exist_ok=True)
+        path.replace(target / path.name)
+    except OSError as exc:
+        log.error(
+            "rejected %s: %s; it stays in the spool: cannot move it to %s (%s)",
+            path,
+            reason,
+            target,
+            exc.strerror or exc,
+        )
+        return
+    log.error("rejected %s: %s; moved to %s", path, reason, target)
+
+
+def _read_entry(path: Path) -> dict[str, Any] | None:
+    """Return a spool file's entry, None if it is gone, or raise BadEntry."""
+    if path.exists() and not path.is_file():
+        # A folder or a FIFO: reading would fail, or block for ever.
+        raise BadEntry("it is not a regular file")
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BadEntry(f"it cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadEntry(f"it is not JSON ({str(exc).splitlines()[0]})") from None
+    check_entry(entry)
+    return entry
+
+
+# The fields of each kind of entry: name -> (required, allowed JSON types).
+_RUN_ID = (True, (int,))
+_ENTRY_FIELDS: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
+    "metrics": {
+        "run_id": _RUN_ID,
+        "points": (True, (dict,)),
+        "client_identifier": (False, (str,)),
+        "partition_id": (False, (int,)),
+        "node_id": (False, (str, int)),
+        "num_examples": (False, (int,)),
+        "recorded_at": (False, (str,)),
+    },
+    "server_evaluation": {
+        "run_id": _RUN_ID,
+        "round_number": (True, (int,)),
+        "metrics": (True, (dict,)),
+        "eval_seconds": (False, (int, float)),
+    },
+    "client_failure": {
+        "run_id": _RUN_ID,
+        "round_number": (True, (int,)),
+        "node_id": (True, (str, int)),
+        "reason": (True, (str,)),
+        "client_identifier": (False, (str,)),
+    },
+    "run_finish": {
+        "run_id": _RUN_ID,
+        "status": (True, (str,)),
+        "error": (False, (str,)),
+        "fields": (False, (dict,)),
+    },
+}
+_POINT_COLUMNS = {
+    "names": (str,),
+    "values": (int, float),
+    "steps": (int,),
+    "splits": (str,),
+    "rounds": (int,),
+}
+
+
+def _plain_type(column_type: Any) -> type:
+    try:
+        return column_type.python_type
+    except NotImplementedError:
+        return object
+
+
+# Run columns a closing entry may set, with their JSON types; datetimes
+# cannot travel in JSON, and ids are not the entry's to change.
+_FINISH_FIELDS: dict[str, tuple[type, ...]] = {
+    c.key: (c.type.python_type,)
+    for c in Run.__table__.columns
+    if c.key not in ("id", "experiment_id") and _plain_type(c.type) in (int, str, float)
+}
+_FINISH_FIELDS["config"] = (dict,)
+
+
+def check_entry(entry: Any) -> None:
+    """Raise BadEntry unless ``entry`` has the fields and types its kind needs.
+
+    Checked before the database sees it, so that a malformed file is set
+    aside with a reason instead of failing somewhere inside the write.
+    """
+    if not isinstance(entry, dict):
+        raise BadEntry(f"the entry is a JSON {_json_type(entry)}, not an object")
+    kind = entry.get("kind")
+    spec = _ENTRY_FIELDS.get(kind) if isinstance(kind, str) else None
+    if spec is None:
+        raise BadEntry(f"kind {kind!r} is not one of: {', '.join(_ENTRY_FIELDS)}")
+    for name, (required, types) in spec.items():
+        value = entry.get(name)
+        if value is None:
+            if required:
+                raise BadEntry(f"{kind} entry has no {name!r} (or it is null)")
+            continue
+        _check_value(name, value, types)
+    if not 1 <= entry["run_id"] <= MAX_ID:
+        raise BadEntry(f"run_id {entry['run_id']} is not a run id (1 to {MAX_ID})")
+    if kind == "metrics":
+        _check_points(entry["points"])
+        recorded = entry.get("recorded_at")
+        if recorded is not None:
+            try:
+                datetime.fromisoformat(recorded)
+            except ValueError:
+                raise BadEntry(
+                    f"recorded_at {recorded!r} is not an ISO 8601 time"
+                ) from None
+    elif kind == "server_evaluation":
+        for key, value in entry["metrics"].items():
+            if value is not None:
+                _check_value(f"metrics.{key}", value, (int, float))
+    elif kind == "run_finish":
+        for key, value in (entry.get("fields") or {}).items():
+            types = _FINISH_FIELDS.get(key)
+            if types is None:
+                raise BadEntry(
+                    f"fields.{key} cannot be set by a closing entry; it can set"
+                    f" {', '.join(sorted(_FINISH_FIELDS))}"
+                )
+            if value is not None:
+                _check_value(f"fields.{key}", value, types)
+
+
+def _check_points(points: dict[str, Any]) -> None:
+    lengths = set()
+    for name, types in _POINT_COLUMNS.items():
+        column = points.get(name)
+        if not isinstance(column, list):
+            raise BadEntry(f"points.{name} is not a list")
+        for value in column:
+            _check_value(f"points.{name}", value, types)
+        lengths.add(len(column))
+    if len(lengths) > 1:
+        raise BadEntry("the points lists are not all the same length")
+
+
+def _check_value(name: str, value: Any, types: tuple[type, ...]) -> None:
+    # JSON true/false are Python bools, which are ints too: not a number here.
+    if isinstance(value, bool) or not isinstance(value, types):
+        wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+        raise BadEntry(f"{name} is {_json_type(value)} {_short(value)}, not {wanted}")
+    if isinstance(value, int) and not -MAX_ID <= value <= MAX_ID:
+        raise BadEntry(f"{name} {value} is out of the 64-bit integer range")
+
+
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "an object",
+    list: "a list",
+}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -7,6 +7,7 @@ errors come from OmegaConf's structured-config checks with the key they hit.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, fields, is_dataclass, replace
@@ -17,7 +18,11 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.errors import ConfigCompositionException, OverrideParseException
+from hydra.errors import (
+    ConfigCompositionException,
+    HydraException,
+    OverrideParseException,
+)
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -34,13 +39,22 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_NAME = "config"
 
 
+URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def mask_override(text: str) -> str:
+    """Hide the password of any URL in an override (``db.url=...``) for messages."""
+    return URL_PASSWORD.sub(r"\1***@", text)
+
+
 def split_overrides(overrides: str | Sequence[str]) -> list[str]:
     """Split a run-config overrides string (shell quoting rules) into a list."""
     if isinstance(overrides, str):
         try:
             return shlex.split(overrides)
         except ValueError as exc:
-            raise ConfigError(f"cannot parse overrides {overrides!r}: {exc}") from None
+            shown = mask_override(overrides)
+            raise ConfigError(f"cannot parse overrides {shown!r}: {exc}") from None
     return list(overrides)
 
 
@@ -77,8 +91,9 @@ def parse_overrides(items: Sequence[str]) -> list[Override]:
     try:
         return OverridesParser.create().parse_overrides(list(items))
     except OverrideParseException as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"cannot parse overrides {list(items)}: {first}") from None
+        first = mask_override(str(exc).strip().splitlines()[0])
+        shown = [mask_override(item) for item in items]
+        raise ConfigError(f"cannot parse overrides {shown}: {first}") from None
 
 
 def check_overrides(items: Sequence[str]) -> None:
@@ -120,18 +135,33 @@ def explain(exc: OmegaConfBaseException) -> ConfigError:
 def compose_config(overrides: str | Sequence[str] = ()) -> Any:
     """Compose ``conf/config.yaml`` with overrides into a typed DictConfig."""
     items = split_overrides(overrides)
-    check_overrides(items)
-    register_schema()
     try:
+        check_overrides(items)
+        register_schema()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return compose(config_name=CONFIG_NAME, overrides=items)
     except ConfigCompositionException as exc:
         cause = exc.__cause__
         if isinstance(cause, OmegaConfBaseException):
             raise explain(cause) from None
-        raise ConfigError(str(exc).strip().splitlines()[0]) from None
+        raise ConfigError(mask_override(first_line(exc))) from None
     except OmegaConfBaseException as exc:
         raise explain(exc) from None
+    except ConfigError:
+        raise
+    except (HydraException, OSError, ValueError) as exc:
+        # Inputs Hydra was not written for (a 300-character key is taken for
+        # a file name, a 5000-digit number): still one line.
+        raise ConfigError(
+            f"cannot use overrides {[mask_override(i)[:80] for i in items]}: "
+            f"{mask_override(first_line(exc))[:200]}"
+        ) from None
+
+
+def first_line(exc: BaseException) -> str:
+    """Return the first line of an exception's message (or its type name)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def to_app_config(values: Any) -> AppConfig:

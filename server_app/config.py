@@ -59,10 +59,10 @@ class Bounds:
         low = ("(", self.gt) if self.gt is not None else ("[", self.ge)
         high = (")", self.lt) if self.lt is not None else ("]", self.le)
         if low[1] is not None and high[1] is not None:
-            return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+            return f"in {low[0]}{low[1]:.12g}, {high[1]:.12g}{high[0]}"
         if low[1] is not None:
-            return f"{'>' if self.gt is not None else '>='} {low[1]:g}"
-        return f"{'<' if self.lt is not None else '<='} {high[1]:g}"
+            return f"{'>' if self.gt is not None else '>='} {low[1]:.12g}"
+        return f"{'<' if self.lt is not None else '<='} {high[1]:.12g}"
 
 
 def bounded(default: Any, **bounds: float) -> Any:
@@ -116,7 +116,7 @@ class PartitionConfig:
     classes_per_client: int = bounded(1, ge=1, le=2)
     min_partition_size: int = bounded(10, ge=1)
     # Seed of the partition draw alone; null = the run's seed.
-    seed: int | None = bounded(None, ge=0)
+    seed: int | None = bounded(None, ge=0, le=2**32 - 1)
 
 
 @dataclass
@@ -166,7 +166,8 @@ class AppConfig:
     """The whole, validated experiment configuration."""
 
     experiment_name: str = "pneumonia"
-    seed: int = bounded(42, ge=0)
+    # NumPy's generators take seeds below 2**32.
+    seed: int = bounded(42, ge=0, le=2**32 - 1)
     num_rounds: int = bounded(5, ge=1)
     outputs_dir: str = "outputs"
     data: DataConfig = field(default_factory=DataConfig)

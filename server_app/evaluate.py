@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -18,37 +17,12 @@ from client_app.trainer import evaluate, save_checkpoint
 from server_app.config import AppConfig
 from server_app.events import emit_round
 from server_app.recorder import RunRecorder
+from server_app.round_state import ROUND_STATE, save_round_state
 
 log = logging.getLogger(__name__)
 
 BEST_MODEL = "best_model.pt"
 FINAL_MODEL = "final_model.pt"
-ROUND_STATE = "round_state.pkl"
-
-
-def save_round_state(
-    path: Path, arrays: ArrayRecord, round_number: int, extra: dict[str, Any]
-) -> None:
-    """Write the global model, the round and strategy state, atomically."""
-    state = {
-        "round": round_number,
-        "state_dict": {k: v.cpu() for k, v in arrays.to_torch_state_dict().items()},
-        **extra,
-    }
-    tmp = path.with_suffix(".tmp")
-    try:
-        with tmp.open("wb") as fh:
-            pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file
-        raise
-
-
-def load_round_state(path: Path) -> dict[str, Any]:
-    """Read the state written by ``save_round_state`` (this run's own file)."""
-    with path.open("rb") as fh:
-        return pickle.load(fh)  # noqa: S301 - written by this program for this run
 
 
 class ServerEvaluator:

@@ -55,12 +55,20 @@ def check_outputs(cfg: AppConfig) -> None:
 
 
 def check_compute(cfg: AppConfig) -> None:
-    """Check that this machine can host one simulated client at least.
+    """Check that this machine has the device and can host one simulated client.
 
     Ray starts no client that asks for more CPUs or GPUs than the machine
     has, and Flower then ends the run with only "ActorPool is empty" in its
     log.
     """
+    if str(cfg.train.device) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "train.device=cuda but this machine has no CUDA GPU; use "
+                "train.device=auto (the GPU when there is one) or train.device=cpu"
+            )
     sim = cfg.simulation
     cpus = sim.num_cpus or os.cpu_count() or 1
     if sim.client_num_cpus > cpus:

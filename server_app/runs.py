@@ -13,7 +13,8 @@ from persistence.db import get_engine, session_scope
 from persistence.models import Run, RunStatus
 from server_app.compose import config_from_snapshot, snapshot
 from server_app.config import AppConfig, ConfigError, partition_label
-from server_app.evaluate import ROUND_STATE, load_round_state
+from server_app.factories import build_model
+from server_app.round_state import ROUND_STATE, load_round_state
 
 
 def open_run(cfg: AppConfig, url: str, context: Context, extra: dict[str, Any]) -> int:
@@ -47,6 +48,29 @@ def resumable_run(db: Session, run_id: int) -> Run:
     return run
 
 
+def checked_round_state(cfg: AppConfig, run_dir: Path, run_id: int) -> dict[str, Any]:
+    """Load a run's round checkpoint and check it fits the run's model.
+
+    Raises ConfigError naming the problem, before anything is changed.
+    """
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"run {run_id}'s outputs folder {run_dir} does not exist or is not a "
+            "folder; it cannot be resumed"
+        )
+    path = run_dir / ROUND_STATE
+    state = load_round_state(path)
+    try:
+        build_model(cfg).load_state_dict(state["state_dict"])
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"{path} holds weights that do not fit run {run_id}'s model "
+            f"({cfg.model.name}): {first}; it cannot be resumed"
+        ) from None
+    return state
+
+
 def resume_state(
     url: str, run_id: int, current: AppConfig
 ) -> tuple[AppConfig, dict[str, Any]]:
@@ -54,13 +78,9 @@ def resume_state(
     with session_scope(get_engine(url)) as db:
         run = resumable_run(db, run_id)
         cfg = config_from_snapshot(run.config or {}, current)
-        state_path = Path(run.outputs_path or "") / ROUND_STATE
-        if not state_path.is_file():
-            raise ConfigError(
-                f"run {run_id} has no round checkpoint at {state_path}; it cannot "
-                "be resumed (it failed before its first round completed)"
-            )
-        state = load_round_state(state_path)
+        # Checked before the rows after it are deleted: a refused resume
+        # leaves the run as it was.
+        state = checked_round_state(cfg, Path(run.outputs_path or ""), run_id)
         repo.delete_rounds_after(db, run_id=run_id, round_number=state["round"])
         repo.reopen_run(db, run_id=run_id)
         repo.update_run(db, run_id=run_id, rounds_completed=state["round"])

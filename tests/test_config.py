@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from server_app.compose import (
     split_overrides,
 )
 from server_app.config import ConfigError
+from tests.conftest import cli
 
 GROUPS = ("data", "model", "train", "partition", "strategy", "db")
 
@@ -104,3 +106,58 @@ def test_snapshot_hides_the_password_and_round_trips() -> None:
     current = load_config(["db.url=sqlite:////tmp/z.db"])
     again = config_from_snapshot(data, current)
     assert again.strategy == cfg.strategy and again.db.url == "sqlite:////tmp/z.db"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "x" * 300 + "=1"], "error: cannot use overrides ['xxxxxxxx"),
+        (["train", "train.lr=" + "1" * 5000], "error: cannot use overrides"),
+        (
+            ["train", "seed=99999999999999999999999"],
+            "error: seed=99999999999999999999999 is invalid; "
+            "it must be in [0, 4294967295]",
+        ),
+        (
+            ["run", "-m", "train.lr=range(1,3),abc"],
+            "error: cannot expand the sweep 'train.lr=range(1,3),abc'",
+        ),
+        (["run", "-m", "train.lr=glob(*)"], "error: cannot expand the sweep"),
+        (
+            ["train", "db.url=postgresql://u:secretpw@127.0.0.1:1/x", "foo"],
+            "error: cannot parse overrides ['db.url=postgresql://u:***@127.0.0.1:1/x'",
+        ),
+        (
+            ["train", "train.device=cuda"],
+            "error: train.device=cuda but this machine has no CUDA GPU",
+        ),
+        (
+            ["run", "-m", "strategy=fedavg,bogus"],
+            "error: strategy='bogus' is not a valid option",
+        ),
+    ],
+    ids=[
+        "long-key",
+        "huge-number",
+        "huge-seed",
+        "odd-sweep",
+        "glob-sweep",
+        "password",
+        "no-cuda",
+        "sweep-bad-second",
+    ],
+)
+def test_odd_overrides_are_one_line_and_leave_nothing(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(monkeypatch, capsys, *args)
+    assert code == 2, out + err
+    assert "Traceback" not in out + err and "secretpw" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert not (tmp_path / "outputs").exists()  # no database, no folder

@@ -19,16 +19,11 @@ from persistence.db import get_engine, session_scope
 from persistence.models import ServerEvaluation
 from server_app.compose import load_config
 from server_app.config import AppConfig
-from server_app.evaluate import (
-    BEST_MODEL,
-    FINAL_MODEL,
-    ROUND_STATE,
-    ServerEvaluator,
-    load_round_state,
-)
+from server_app.evaluate import BEST_MODEL, FINAL_MODEL, ServerEvaluator
 from server_app.events import ROUND_EVALUATED, parse_event
 from server_app.factories import build_model, model_meta
 from server_app.recorder import RunRecorder
+from server_app.round_state import ROUND_STATE, load_round_state
 from server_app.strategy import make_strategy
 from tests.factories import federated_run
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from flwr.app import ArrayRecord
 from sqlalchemy import func, select
 
 from fedpneumo.federated import StreamHandler, close_abandoned, finish_if_done
@@ -21,9 +25,9 @@ from persistence.db import dispose_engines, get_engine, session_scope, upgrade_d
 from persistence.entries import apply_entry, run_finish_entry
 from persistence.models import Run, RunStatus, ServerEvaluation
 from persistence.spool import DurableWriter, find_spool_dirs, pending_files, sync
-from server_app.evaluate import ROUND_STATE, save_round_state
 from server_app.events import PREFIX
 from server_app.recorder import RunRecorder, TrackingOutageError
+from server_app.round_state import ROUND_STATE, save_round_state
 from tests.conftest import cli, run_cli
 from tests.factories import federated_run
 from tests.mounts import full
@@ -159,11 +163,16 @@ def test_a_run_flower_ended_is_marked_failed_with_the_cause_from_its_log(
 def completed_rounds_run(url: str, run_dir: Path, done: int, planned: int) -> int:
     run_id = federated_run(url)
     with session_scope(get_engine(url)) as db:
+        # The process that ran it is gone (a pid no process has).
         repo.update_run(
-            db, run_id=run_id, num_rounds=planned, outputs_path=str(run_dir)
+            db,
+            run_id=run_id,
+            num_rounds=planned,
+            outputs_path=str(run_dir),
+            pid=2**22 + 7,
         )
     run_dir.mkdir(parents=True)
-    (run_dir / ROUND_STATE).write_bytes(pickle.dumps({"round": done, "state_dict": {}}))
+    save_round_state(run_dir / ROUND_STATE, ArrayRecord(), done, {})
     return run_id
 
 
@@ -305,3 +314,110 @@ def test_a_federation_smaller_than_configured_fails_once_it_stops_growing() -> N
         "simulation.num_supernodes=2 in the overrides"
     )
     assert wait_for_nodes(LoopbackGrid(app, 3), 3, settle_s=0.5) == 3
+
+
+class _Planted:
+    """A pickle that runs code when loaded: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def _bad_round_states(run_dir: Path, marker: Path) -> dict[str, Callable[[], None]]:
+    state = run_dir / ROUND_STATE
+
+    def write(data: bytes) -> None:
+        state.write_bytes(data)
+
+    def other_model() -> None:
+        from client_app.model import build_model
+
+        weights = build_model("resnet18", width=4).state_dict()
+        save_round_state(state, ArrayRecord(weights), 1, {})
+
+    return {
+        "missing": lambda: None,
+        "random-bytes": lambda: write(os.urandom(2000)),
+        "truncated": lambda: (other_model(), write(state.read_bytes()[:300])),
+        "code-in-a-pickle": lambda: torch.save({"round": _Planted(marker)}, state),
+        "plain-pickle": lambda: write(pickle.dumps({"round": _Planted(marker)})),
+        "no-round": lambda: torch.save({"state_dict": {}}, state),
+        "other-model": other_model,
+        "legacy-pickle": lambda: (run_dir / "round_state.pkl").write_bytes(
+            pickle.dumps({"round": 1})
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "no round checkpoint at {state}"),
+        ("random-bytes", "{state} is not a readable round checkpoint"),
+        ("truncated", "{state} is not a readable round checkpoint"),
+        ("code-in-a-pickle", "{state} holds objects a round checkpoint never holds"),
+        ("plain-pickle", "{state} is not a readable round checkpoint (not a file"),
+        ("no-round", "{state} is not a fedpneumo round checkpoint"),
+        ("other-model", "{state} holds weights that do not fit run 1's model (cnn)"),
+        ("legacy-pickle", "{run_dir}/round_state.pkl is a round checkpoint in the old"),
+    ],
+)
+def test_resume_refuses_a_bad_round_checkpoint_before_changing_anything(
+    case: str,
+    message: str,
+    sqlite_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from server_app.compose import load_config, snapshot
+
+    run_dir = tmp_path / "runs" / "1"
+    run_dir.mkdir(parents=True)
+    run_id = federated_run(sqlite_url)
+    cfg = load_config(["model.width=8", f"outputs_dir={tmp_path}"])
+    with session_scope(get_engine(sqlite_url)) as db:
+        repo.update_run(
+            db,
+            run_id=run_id,
+            config=snapshot(cfg),
+            num_rounds=3,
+            rounds_completed=1,
+            outputs_path=str(run_dir),
+        )
+        repo.add_server_evaluation(db, run_id=run_id, round_number=2, metrics=METRICS)
+        repo.finish_run(db, run_id=run_id, status=RunStatus.FAILED, error_message="x")
+    marker = tmp_path / "code-ran"
+    _bad_round_states(run_dir, marker)[case]()
+
+    started = time.monotonic()
+    code, out, err = cli(monkeypatch, capsys, "resume", str(run_id), "--db", sqlite_url)
+    assert time.monotonic() - started < 20  # refused before Flower starts
+    assert code == 2, out + err
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    expected = message.format(state=run_dir / ROUND_STATE, run_dir=run_dir)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
+    assert not marker.exists()
+    with session_scope(get_engine(sqlite_url)) as db:
+        run = db.get(Run, run_id)
+        assert (run.status, run.rounds_completed) == ("failed", 1)
+        assert db.scalar(select(func.count()).select_from(ServerEvaluation)) == 1
+
+
+def test_resume_never_creates_a_database(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    missing = tmp_path / "new" / "fedpneumo.db"
+    code, out, err = cli(
+        monkeypatch, capsys, "resume", "5", "--db", f"sqlite:///{missing}"
+    )
+    assert code == 1 and err.startswith(
+        f"error: database file {missing} does not exist"
+    )
+    assert not missing.exists() and not missing.parent.exists()

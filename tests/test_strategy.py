@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import math
-import pickle
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from server_app.compose import load_config
 from server_app.config import AppConfig, strategy_class
 from server_app.factories import instructions
 from server_app.recorder import RunRecorder
+from server_app.round_state import ROUND_STATE, load_round_state, save_round_state
 from server_app.strategy import (
     STATE_ATTRIBUTES,
     TooFewRepliesError,
@@ -301,7 +301,7 @@ def test_a_round_through_every_strategy(
     assert {r.round_number for r in rows} == {1 + OFFSET}
     assert sorted(r.metric_name for r in rows) == sorted(REPLY_METRICS)
 
-    state = pickle.loads(pickle.dumps(strategy.state()))  # goes into round_state
+    state = through_round_state(strategy.state(), recorder.run_dir)
     assert set(state) <= set(STATE_ATTRIBUTES)
 
 
@@ -587,13 +587,21 @@ def test_a_round_without_any_reply_fails(recorder: RunRecorder) -> None:
 # Resume ---------------------------------------------------------------------
 
 
+def through_round_state(state: dict, folder: Path) -> dict:
+    """The strategy state as a resumed run reads it back from its round checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ROUND_STATE
+    save_round_state(path, model_arrays(0), 1, {"strategy_state": state})
+    return load_round_state(path)["strategy_state"]
+
+
 @pytest.mark.parametrize("name", ["fedadam", "fedavgm"])
 def test_restored_state_continues_the_same_optimisation(
     name: str, recorder: RunRecorder, federation: Federation
 ) -> None:
     first, _ = tracked(name, recorder, round_offset=0)
     after_one = run_round(first, 1, model_arrays(0), federation, seed=10)
-    saved = pickle.loads(pickle.dumps(first.state()))
+    saved = through_round_state(first.state(), recorder.run_dir)
     assert saved and set(saved) <= set(STATE_ATTRIBUTES)
     expected = run_round(first, 2, after_one, federation, seed=20)
 
