@@ -29,6 +29,13 @@ def pg_server() -> Iterator[ThrowawayPostgres]:
         yield server
 
 
+@pytest.fixture
+def own_pg() -> Iterator[ThrowawayPostgres]:
+    """A PostgreSQL server of the test's own, which it may stop and start."""
+    with ThrowawayPostgres() as server:
+        yield server
+
+
 def make_db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Return the URL of a fresh, empty database of the given backend."""
     if backend == "sqlite":

@@ -24,7 +24,6 @@ from persistence.models import Client, ClientFailure, Run, RunMetric, ServerEval
 from persistence.spool import DurableWriter
 from tests.conftest import run_cli
 from tests.faults import fault_app
-from tests.mounts import fill, tmpfs
 from tests.pg_server import ThrowawayPostgres
 from tests.test_federated import PER_EPOCH, assert_complete_run
 
@@ -91,13 +90,6 @@ def wait_for_round(url: str, round_number: int, proc: subprocess.Popen, timeout=
     raise AssertionError(f"round {round_number} not reached in {timeout}s")
 
 
-@pytest.fixture
-def own_pg() -> ThrowawayPostgres:
-    """A PostgreSQL server this test may stop and start."""
-    with ThrowawayPostgres() as server:
-        yield server
-
-
 def test_postgres_outage_mid_run_loses_nothing(
     own_pg: ThrowawayPostgres, tmp_path: Path, data_file: Path
 ) -> None:
@@ -142,89 +134,6 @@ def test_postgres_outage_mid_run_loses_nothing(
         assert synced.returncode == 0, synced.stderr
         assert "0 new rows" in synced.stdout
         assert counts(url) == undisturbed
-
-
-def test_postgres_down_for_good_stops_waiting_and_sync_completes_the_run(
-    own_pg: ThrowawayPostgres, tmp_path: Path, data_file: Path
-) -> None:
-    rounds, outage_timeout_s = 4, 40
-    args = [f"data.path={data_file}", "data.limit=300", *SMALL, f"num_rounds={rounds}"]
-    url = own_pg.create_database("gone")
-    out = tmp_path / "out"
-    proc = start_run(
-        [*args, f"outputs_dir={out}", f"tracking.outage_timeout_s={outage_timeout_s}"],
-        {"DATABASE_URL": url},
-    )
-    try:
-        wait_for_round(url, 1, proc)
-        own_pg.stop("fast")
-        stopped = time.monotonic()
-        output, _ = proc.communicate(timeout=600)
-        waited = time.monotonic() - stopped
-    finally:
-        kill_tree(proc.pid)
-    # Within the outage budget plus one round (a round here takes seconds).
-    assert waited < outage_timeout_s + 30, (waited, output[-3000:])
-    assert proc.returncode == 1, output[-3000:]
-    assert "Traceback" not in output, output[-5000:]
-    assert own_pg.password not in output
-    assert "tracking database unreachable" in output
-    command = f"fedpneumo sync --outputs {out / 'runs'}"
-    error = [ln for ln in output.splitlines() if ln.startswith("error:")]
-    assert len(error) == 1 and command in error[0], output[-3000:]
-
-    own_pg.start()
-    with session_scope(get_engine(url)) as s:
-        assert s.scalars(select(Run.status)).one() == "in_progress"
-    synced = run_cli("sync", "--outputs", str(out), "--db", url)
-    assert synced.returncode == 0, synced.stderr
-    undisturbed = {
-        "runs": 1,
-        "clients": 3,
-        "run_metrics": 3 * rounds * PER_EPOCH + rounds * len(REPLY_METRICS),
-        "server_evaluations": rounds + 1,
-        "client_failures": 0,
-    }
-    assert counts(url) == undisturbed
-    assert_complete_run(get_engine(url), clients=3, rounds=rounds)
-    with session_scope(get_engine(url)) as s:
-        run = s.scalars(select(Run)).one()
-        assert (run.status, run.rounds_completed) == ("completed", rounds)
-
-    resumed = run_cli("resume", str(run.id), "--db", url)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "nothing left to resume" in resumed.stdout
-    with session_scope(get_engine(url)) as s:
-        assert s.scalars(select(Run.status)).one() == "completed"
-    assert counts(url) == undisturbed
-
-
-def test_a_full_outputs_disk_fails_the_run_with_the_reason(
-    tmp_path: Path, data_file: Path
-) -> None:
-    db = tmp_path / "tracking.db"
-    url = f"sqlite:///{db}"
-    args = [f"data.path={data_file}", "data.limit=300", *SMALL, "num_rounds=30"]
-    with tmpfs(tmp_path / "out", "64m") as out:
-        proc = start_run([*args, f"outputs_dir={out}", f"db.sqlite_path={db}"], {})
-        try:
-            wait_for_round(url, 1, proc)
-            fill(out)
-            output, _ = proc.communicate(timeout=300)
-        finally:
-            kill_tree(proc.pid)
-        leftovers = [str(p) for p in out.rglob("*.tmp")]
-    assert proc.returncode == 1, output[-3000:]
-    assert "Traceback" not in output, output[-5000:]
-    last = output.strip().splitlines()[-1]
-    assert last.startswith("error: federated run 1 failed: ") and (
-        "No space left on device" in last
-    ), output[-3000:]
-    with session_scope(get_engine(url)) as s:
-        run = s.scalars(select(Run)).one()
-        assert run.status == "failed" and 1 <= run.rounds_completed < 30
-        assert "No space left on device" in run.error_message
-    assert leftovers == []
 
 
 def test_killed_run_resumes_in_the_same_run(

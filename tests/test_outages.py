@@ -1,0 +1,106 @@
+"""Outages that do not end and disks that fill: the run stops within a bound,
+says what to do, and its status is the truth once the database has it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from client_app.messages import REPLY_METRICS
+from fedpneumo.flower import kill_tree
+from persistence.db import get_engine, session_scope
+from persistence.models import Run
+from tests.conftest import run_cli
+from tests.mounts import fill, tmpfs
+from tests.pg_server import ThrowawayPostgres
+from tests.test_federated import PER_EPOCH, assert_complete_run
+from tests.test_reliability import SMALL, counts, start_run, wait_for_round
+
+# Every test here starts Flower: the e2e tier.
+pytestmark = pytest.mark.e2e
+
+
+def test_postgres_down_for_good_stops_waiting_and_sync_completes_the_run(
+    own_pg: ThrowawayPostgres, tmp_path: Path, data_file: Path
+) -> None:
+    rounds, outage_timeout_s = 3, 25
+    args = [f"data.path={data_file}", "data.limit=300", *SMALL, f"num_rounds={rounds}"]
+    url = own_pg.create_database("gone")
+    out = tmp_path / "out"
+    proc = start_run(
+        [*args, f"outputs_dir={out}", f"tracking.outage_timeout_s={outage_timeout_s}"],
+        {"DATABASE_URL": url},
+    )
+    try:
+        wait_for_round(url, 1, proc)
+        own_pg.stop("fast")
+        stopped = time.monotonic()
+        output, _ = proc.communicate(timeout=600)
+        waited = time.monotonic() - stopped
+    finally:
+        kill_tree(proc.pid)
+    # Within the outage budget plus one round (a round here takes seconds).
+    assert waited < outage_timeout_s + 30, (waited, output[-3000:])
+    assert proc.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-5000:]
+    assert own_pg.password not in output
+    assert "tracking database unreachable" in output
+    command = f"fedpneumo sync --outputs {out / 'runs'}"
+    error = [ln for ln in output.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1 and command in error[0], output[-3000:]
+
+    own_pg.start()
+    with session_scope(get_engine(url)) as s:
+        assert s.scalars(select(Run.status)).one() == "in_progress"
+    synced = run_cli("sync", "--outputs", str(out), "--db", url)
+    assert synced.returncode == 0, synced.stderr
+    undisturbed = {
+        "runs": 1,
+        "clients": 3,
+        "run_metrics": 3 * rounds * PER_EPOCH + rounds * len(REPLY_METRICS),
+        "server_evaluations": rounds + 1,
+        "client_failures": 0,
+    }
+    assert counts(url) == undisturbed
+    assert_complete_run(get_engine(url), clients=3, rounds=rounds)
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert (run.status, run.rounds_completed) == ("completed", rounds)
+
+    resumed = run_cli("resume", str(run.id), "--db", url)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "nothing left to resume" in resumed.stdout
+    with session_scope(get_engine(url)) as s:
+        assert s.scalars(select(Run.status)).one() == "completed"
+    assert counts(url) == undisturbed
+
+
+def test_a_full_outputs_disk_fails_the_run_with_the_reason(
+    tmp_path: Path, data_file: Path
+) -> None:
+    db = tmp_path / "tracking.db"
+    url = f"sqlite:///{db}"
+    args = [f"data.path={data_file}", "data.limit=300", *SMALL, "num_rounds=30"]
+    with tmpfs(tmp_path / "out", "64m") as out:
+        proc = start_run([*args, f"outputs_dir={out}", f"db.sqlite_path={db}"], {})
+        try:
+            wait_for_round(url, 1, proc)
+            fill(out)
+            output, _ = proc.communicate(timeout=300)
+        finally:
+            kill_tree(proc.pid)
+        leftovers = [str(p) for p in out.rglob("*.tmp")]
+    assert proc.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-5000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: federated run 1 failed: ") and (
+        "No space left on device" in last
+    ), output[-3000:]
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert run.status == "failed" and 1 <= run.rounds_completed < 30
+        assert "No space left on device" in run.error_message
+    assert leftovers == []
