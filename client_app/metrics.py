@@ -30,6 +30,10 @@ DEFAULT_THRESHOLD = 0.5
 THRESHOLD_EPS = 1e-6
 
 
+class NonFiniteOutputError(ValueError):
+    """A model produced NaN or infinite probabilities (its weights are not finite)."""
+
+
 def binary_metrics(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -120,5 +124,7 @@ def _check_inputs(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, ..
         raise ValueError(f"labels outside {{0,1}}: {bad}")
     if not np.isfinite(probs).all():
         count = int((~np.isfinite(probs)).sum())
-        raise ValueError(f"{count} of {len(probs)} probabilities are NaN or inf")
+        raise NonFiniteOutputError(
+            f"{count} of {len(probs)} probabilities are NaN or inf"
+        )
     return labels.astype(np.int64), probs

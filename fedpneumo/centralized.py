@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,9 +12,11 @@ from pathlib import Path
 import torch
 
 from client_app.data import XrayData, resolve_data
+from client_app.metrics import NonFiniteOutputError
 from client_app.metrics_collector import MetricsCollectorCallback
 from client_app.trainer import (
     Callback,
+    CheckpointError,
     FitResult,
     balanced_pos_weight,
     evaluate,
@@ -133,5 +136,16 @@ def evaluate_checkpoint(
     model, state = restore_model(checkpoint)
     data = resolve_data(data_path, image_size=int(state.get("image_size", 28)))
     threshold = float(state["threshold"])
-    with torch.no_grad():
-        return evaluate(model, data.split(split), threshold=threshold)
+    if not math.isfinite(threshold):
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} has decision threshold {threshold}; "
+            "a saved model's threshold is a number between 0 and 1"
+        )
+    try:
+        with torch.no_grad():
+            return evaluate(model, data.split(split), threshold=threshold)
+    except NonFiniteOutputError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} gives no usable predictions ({exc}); "
+            "its weights are not finite numbers"
+        ) from None

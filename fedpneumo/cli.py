@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -228,7 +229,12 @@ def evaluate_cmd(
 
     metrics = evaluate_checkpoint(checkpoint, data, split)
     if as_json:
-        sys.stdout.write(json.dumps(metrics) + "\n")
+        # Strict JSON: an undefined metric (AUROC on one class) is null, not NaN.
+        finite = {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+            for k, v in metrics.items()
+        }
+        sys.stdout.write(json.dumps(finite, allow_nan=False) + "\n")
     else:
         print_metrics(console, metrics, title=f"{checkpoint} on {split}")
 

@@ -9,6 +9,7 @@ second.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -109,7 +110,38 @@ def foreign_dict(path: Path) -> Path:
     return path
 
 
+def nan_weights(path: Path) -> Path:
+    """A checkpoint whose weights are NaN (saved from a diverged run)."""
+    model = build_model(**CNN)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    return save_checkpoint(
+        path, model, threshold=0.5, meta={"model": CNN, "image_size": 28}
+    )
+
+
+def infinite_threshold(path: Path) -> Path:
+    """A checkpoint whose decision threshold is infinite."""
+    return save_checkpoint(
+        path,
+        build_model(**CNN),
+        threshold=float("inf"),
+        meta={"model": CNN, "image_size": 28},
+    )
+
+
 CHECKPOINTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "nan-weights": (
+        nan_weights,
+        "gives no usable predictions (20 of 20 probabilities are NaN or inf); "
+        "its weights are not finite numbers",
+    ),
+    "infinite-threshold": (
+        infinite_threshold,
+        "has decision threshold inf; a saved model's threshold is a number "
+        "between 0 and 1",
+    ),
     "missing": (lambda p: p, "does not exist; " + HINT),
     "a-folder": (folder, "is a folder, not a file; " + HINT),
     "truncated": (
@@ -398,3 +430,22 @@ def test_runs_on_read_only_media_with_pending_wal_say_what_to_copy(
         "(sqlite3 t.db 'PRAGMA wal_checkpoint(TRUNCATE)') and copy the .db file "
         "alone"
     ]
+
+
+def test_evaluate_json_is_strict_json_when_a_metric_is_undefined(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = make_synthetic(n_train=10, n_val=12, seed=2)
+    data.splits["val"].labels[:] = 0  # one class: AUROC is undefined
+    path = save_npz(data, tmp_path / "one-class.npz")
+    checkpoint = saved(tmp_path / "best_model.pt", CNN)
+    code, out, err = cli(
+        monkeypatch, capsys, "evaluate", "--checkpoint", str(checkpoint),
+        "--data", str(path), "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "NaN" not in out
+    metrics = json.loads(out)
+    assert metrics["auroc"] is None and metrics["accuracy"] is not None
