@@ -153,15 +153,19 @@ class DurableWriter:
                 if self.on_change:
                     self.on_change(False, detail)
             return False
+        self.reachable()
+        self._delay = self.backoff_initial_s
+        self._next_attempt = 0.0
+        return True
+
+    def reachable(self) -> None:
+        """Note that a write just went through: announce the end of an outage."""
         if self._warned:
             log.info("database %s reachable again", mask_url(self.url))
             self._warned = False
             self.down_since = None
             if self.on_change:
                 self.on_change(True, "")
-        self._delay = self.backoff_initial_s
-        self._next_attempt = 0.0
-        return True
 
     def flush(self, timeout_s: float) -> int:
         """Replay pending entries, retrying with backoff for up to timeout_s.

@@ -305,6 +305,10 @@ class RunRecorder:
             if not is_transient(exc):
                 raise
         left = sum(len(pending_files(f)) for f in folders)
+        if not left and self.writer:
+            # The spools drained: if the writer was still backing off from an
+            # outage, this is where the database is known to be back.
+            self.writer.reachable()
         if left:
             log.error(
                 "%d metric batches could not be written to %s; they are kept under "

@@ -1,23 +1,32 @@
-"""Outages that do not end and disks that fill: the run stops within a bound,
-says what to do, and its status is the truth once the database has it."""
+"""Runs that stop: a database that does not come back, a disk that fills, a
+server killed mid-run. Each stops within a bound, says what to do, and its
+status is the truth once the database has it; a killed run resumes."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from client_app.messages import REPLY_METRICS
 from fedpneumo.flower import kill_tree
+from fedpneumo.reports import is_stale
 from persistence.db import get_engine, session_scope
-from persistence.models import Run
+from persistence.models import Client, Run, ServerEvaluation
 from tests.conftest import run_cli
 from tests.mounts import fill, tmpfs
 from tests.pg_server import ThrowawayPostgres
 from tests.test_federated import PER_EPOCH, assert_complete_run
-from tests.test_reliability import SMALL, counts, start_run, wait_for_round
+from tests.test_reliability import (
+    SMALL,
+    counts,
+    metric_keys,
+    start_run,
+    wait_for_round,
+)
 
 # Every test here starts Flower: the e2e tier.
 pytestmark = pytest.mark.e2e
@@ -104,3 +113,40 @@ def test_a_full_outputs_disk_fails_the_run_with_the_reason(
         assert run.status == "failed" and 1 <= run.rounds_completed < 30
         assert "No space left on device" in run.error_message
     assert leftovers == []
+
+
+def test_killed_run_resumes_in_the_same_run(
+    pg_server: ThrowawayPostgres, tmp_path: Path, data_file: Path
+) -> None:
+    url = pg_server.create_database()
+    out = tmp_path / "out"
+    args = [f"data.path={data_file}", "data.limit=600", *SMALL, "num_rounds=4"]
+    proc = start_run([*args, f"outputs_dir={out}"], {"DATABASE_URL": url})
+    try:
+        wait_for_round(url, 2, proc)
+    finally:
+        kill_tree(proc.pid, signals=(signal.SIGKILL,))
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert run.status == "in_progress" and is_stale(run)
+        run_id = run.id
+
+    resumed = run_cli("resume", str(run_id), "--db", url, env={"DATABASE_URL": url})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with session_scope(get_engine(url)) as s:
+        runs = s.scalars(select(Run)).all()
+        assert [(r.id, r.status, r.rounds_completed) for r in runs] == [
+            (run_id, "completed", 4)
+        ]
+        rounds = s.scalars(
+            select(ServerEvaluation.round_number).order_by(
+                ServerEvaluation.round_number
+            )
+        ).all()
+        assert rounds == [0, 1, 2, 3, 4]
+        clients = s.scalar(select(func.count()).select_from(Client))
+    keys = metric_keys(url)
+    assert len(keys) == len(set(keys))
+    per_client = [k for k in keys if k[0] is not None]
+    assert len(per_client) == clients * 4 * PER_EPOCH
+    assert {k[1] for k in per_client} == {1, 2, 3, 4}

@@ -16,7 +16,6 @@ from sqlalchemy import func, select
 
 from client_app.messages import REPLY_METRICS
 from fedpneumo.flower import descendants, kill_tree, process_alive
-from fedpneumo.reports import is_stale
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope, upgrade_database
 from persistence.entries import MetricBatch
@@ -134,43 +133,6 @@ def test_postgres_outage_mid_run_loses_nothing(
         assert synced.returncode == 0, synced.stderr
         assert "0 new rows" in synced.stdout
         assert counts(url) == undisturbed
-
-
-def test_killed_run_resumes_in_the_same_run(
-    pg_server: ThrowawayPostgres, tmp_path: Path, data_file: Path
-) -> None:
-    url = pg_server.create_database()
-    out = tmp_path / "out"
-    args = [f"data.path={data_file}", "data.limit=600", *SMALL, "num_rounds=4"]
-    proc = start_run([*args, f"outputs_dir={out}"], {"DATABASE_URL": url})
-    try:
-        wait_for_round(url, 2, proc)
-    finally:
-        kill_tree(proc.pid, signals=(signal.SIGKILL,))
-    with session_scope(get_engine(url)) as s:
-        run = s.scalars(select(Run)).one()
-        assert run.status == "in_progress" and is_stale(run)
-        run_id = run.id
-
-    resumed = run_cli("resume", str(run_id), "--db", url, env={"DATABASE_URL": url})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    with session_scope(get_engine(url)) as s:
-        runs = s.scalars(select(Run)).all()
-        assert [(r.id, r.status, r.rounds_completed) for r in runs] == [
-            (run_id, "completed", 4)
-        ]
-        rounds = s.scalars(
-            select(ServerEvaluation.round_number).order_by(
-                ServerEvaluation.round_number
-            )
-        ).all()
-        assert rounds == [0, 1, 2, 3, 4]
-        clients = s.scalar(select(func.count()).select_from(Client))
-    keys = metric_keys(url)
-    assert len(keys) == len(set(keys))
-    per_client = [k for k in keys if k[0] is not None]
-    assert len(per_client) == clients * 4 * PER_EPOCH
-    assert {k[1] for k in per_client} == {1, 2, 3, 4}
 
 
 def test_ctrl_c_marks_the_run_failed_and_leaves_no_processes(
