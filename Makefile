@@ -20,10 +20,12 @@ run: install ## A short federated simulation on SQLite, then a run summary
 
 # Three workers: the e2e tests spend much of their time waiting on processes
 # (Flower, Ray, PostgreSQL), so they overlap well even on two cores. Whole
-# modules go to one worker, so their module-scoped runs are made once.
+# modules go to one worker, so their module-scoped runs are made once. One
+# math thread per process (inherited by every CLI, Flower and Ray process a
+# test starts): three workers with a thread per core each oversubscribe it.
 WORKERS ?= 3
 test: install lint ## The whole suite (lint, then pytest, e2e included)
-	$(BIN)/python -m pytest -n $(WORKERS) --dist loadscope $(ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) --dist loadscope $(ARGS)
 
 test-fast: install ## The unit tier only (no Flower runs)
 	$(BIN)/python -m pytest -m "not e2e" $(ARGS)
