@@ -6,6 +6,7 @@ one is idempotent, so replaying a spool file twice stores nothing new.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -14,7 +15,8 @@ from typing import Any
 
 from persistence import repositories as repo
 from persistence.column_types import utcnow
-from persistence.repositories import MetricPoint
+from persistence.models import Run
+from persistence.repositories import MAX_ID, MetricPoint
 
 
 @dataclass
@@ -170,3 +172,160 @@ def _finish_run(session: Any, entry: Mapping[str, Any]) -> int:
         session, run_id=run.id, status=entry["status"], error_message=entry["error"]
     )
     return 0
+
+
+class BadEntry(ValueError):
+    """A spool file that can never be replayed (not JSON, wrong fields)."""
+
+
+# Entry validation for `fedpneumo sync`: a file that fails it is set aside.
+_RUN_ID = (True, (int,))
+_ENTRY_FIELDS: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
+    "metrics": {
+        "run_id": _RUN_ID,
+        "points": (True, (dict,)),
+        "client_identifier": (False, (str,)),
+        "partition_id": (False, (int,)),
+        "node_id": (False, (str, int)),
+        "num_examples": (False, (int,)),
+        "recorded_at": (False, (str,)),
+    },
+    "server_evaluation": {
+        "run_id": _RUN_ID,
+        "round_number": (True, (int,)),
+        "metrics": (True, (dict,)),
+        "eval_seconds": (False, (int, float)),
+    },
+    "client_failure": {
+        "run_id": _RUN_ID,
+        "round_number": (True, (int,)),
+        "node_id": (True, (str, int)),
+        "reason": (True, (str,)),
+        "client_identifier": (False, (str,)),
+    },
+    "run_finish": {
+        "run_id": _RUN_ID,
+        "status": (True, (str,)),
+        "error": (False, (str,)),
+        "fields": (False, (dict,)),
+    },
+}
+_POINT_COLUMNS = {
+    "names": (str,),
+    "values": (int, float),
+    "steps": (int,),
+    "splits": (str,),
+    "rounds": (int,),
+}
+
+
+def _plain_type(column_type: Any) -> type:
+    try:
+        return column_type.python_type
+    except NotImplementedError:
+        return object
+
+
+# Run columns a closing entry may set, with their JSON types; datetimes
+# cannot travel in JSON, and ids are not the entry's to change.
+_FINISH_FIELDS: dict[str, tuple[type, ...]] = {
+    c.key: (c.type.python_type,)
+    for c in Run.__table__.columns
+    if c.key not in ("id", "experiment_id") and _plain_type(c.type) in (int, str, float)
+}
+_FINISH_FIELDS["config"] = (dict,)
+
+
+def check_entry(entry: Any) -> None:
+    """Raise BadEntry unless ``entry`` has the fields and types its kind needs.
+
+    Checked before the database sees it, so that a malformed file is set
+    aside with a reason instead of failing somewhere inside the write.
+    """
+    if not isinstance(entry, dict):
+        raise BadEntry(f"the entry is a JSON {_json_type(entry)}, not an object")
+    kind = entry.get("kind")
+    spec = _ENTRY_FIELDS.get(kind) if isinstance(kind, str) else None
+    if spec is None:
+        raise BadEntry(f"kind {kind!r} is not one of: {', '.join(_ENTRY_FIELDS)}")
+    for name, (required, types) in spec.items():
+        value = entry.get(name)
+        if value is None:
+            if required:
+                raise BadEntry(f"{kind} entry has no {name!r} (or it is null)")
+            continue
+        _check_value(name, value, types)
+    if not 1 <= entry["run_id"] <= MAX_ID:
+        raise BadEntry(f"run_id {entry['run_id']} is not a run id (1 to {MAX_ID})")
+    if kind == "metrics":
+        _check_points(entry["points"])
+        recorded = entry.get("recorded_at")
+        if recorded is not None:
+            try:
+                datetime.fromisoformat(recorded)
+            except ValueError:
+                raise BadEntry(
+                    f"recorded_at {recorded!r} is not an ISO 8601 time"
+                ) from None
+    elif kind == "server_evaluation":
+        for key, value in entry["metrics"].items():
+            if value is not None:
+                _check_value(f"metrics.{key}", value, (int, float))
+    elif kind == "run_finish":
+        for key, value in (entry.get("fields") or {}).items():
+            types = _FINISH_FIELDS.get(key)
+            if types is None:
+                raise BadEntry(
+                    f"fields.{key} cannot be set by a closing entry; it can set"
+                    f" {', '.join(sorted(_FINISH_FIELDS))}"
+                )
+            if value is not None:
+                _check_value(f"fields.{key}", value, types)
+
+
+def _check_points(points: dict[str, Any]) -> None:
+    lengths = set()
+    for name, types in _POINT_COLUMNS.items():
+        column = points.get(name)
+        if not isinstance(column, list):
+            raise BadEntry(f"points.{name} is not a list")
+        for value in column:
+            _check_value(f"points.{name}", value, types)
+        lengths.add(len(column))
+    if len(lengths) > 1:
+        raise BadEntry("the points lists are not all the same length")
+
+
+def _check_value(name: str, value: Any, types: tuple[type, ...]) -> None:
+    # JSON true/false are Python bools, which are ints too: not a number here.
+    if isinstance(value, bool) or not isinstance(value, types):
+        wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+        raise BadEntry(f"{name} is {_json_type(value)} {_short(value)}, not {wanted}")
+    if isinstance(value, int) and not -MAX_ID <= value <= MAX_ID:
+        raise BadEntry(f"{name} {value} is out of the 64-bit integer range")
+
+
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "an object",
+    list: "a list",
+}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

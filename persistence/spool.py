@@ -14,7 +14,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,9 @@ from persistence.db import (
     normalize_url,
     session_scope,
 )
-from persistence.entries import apply_entry
+from persistence.entries import BadEntry, apply_entry, check_entry
 from persistence.errors import InputError
 from persistence.models import Run
-from persistence.repositories import MAX_ID
 
 log = logging.getLogger(__name__)
 
@@ -283,10 +281,6 @@ def _stopped(exc: BaseException, url: str, left: int) -> DatabaseError:
     )
 
 
-class BadEntry(ValueError):
-    """A spool file that can never be replayed (not JSON, wrong fields)."""
-
-
 def _tracking_engine(url: str) -> Engine:
     """Return the engine of an existing tracking database, never creating one."""
     if backend_of(url) == "sqlite":
@@ -374,153 +368,3 @@ def _read_entry(path: Path) -> dict[str, Any] | None:
 
 
 # The fields of each kind of entry: name -> (required, allowed JSON types).
-_RUN_ID = (True, (int,))
-_ENTRY_FIELDS: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
-    "metrics": {
-        "run_id": _RUN_ID,
-        "points": (True, (dict,)),
-        "client_identifier": (False, (str,)),
-        "partition_id": (False, (int,)),
-        "node_id": (False, (str, int)),
-        "num_examples": (False, (int,)),
-        "recorded_at": (False, (str,)),
-    },
-    "server_evaluation": {
-        "run_id": _RUN_ID,
-        "round_number": (True, (int,)),
-        "metrics": (True, (dict,)),
-        "eval_seconds": (False, (int, float)),
-    },
-    "client_failure": {
-        "run_id": _RUN_ID,
-        "round_number": (True, (int,)),
-        "node_id": (True, (str, int)),
-        "reason": (True, (str,)),
-        "client_identifier": (False, (str,)),
-    },
-    "run_finish": {
-        "run_id": _RUN_ID,
-        "status": (True, (str,)),
-        "error": (False, (str,)),
-        "fields": (False, (dict,)),
-    },
-}
-_POINT_COLUMNS = {
-    "names": (str,),
-    "values": (int, float),
-    "steps": (int,),
-    "splits": (str,),
-    "rounds": (int,),
-}
-
-
-def _plain_type(column_type: Any) -> type:
-    try:
-        return column_type.python_type
-    except NotImplementedError:
-        return object
-
-
-# Run columns a closing entry may set, with their JSON types; datetimes
-# cannot travel in JSON, and ids are not the entry's to change.
-_FINISH_FIELDS: dict[str, tuple[type, ...]] = {
-    c.key: (c.type.python_type,)
-    for c in Run.__table__.columns
-    if c.key not in ("id", "experiment_id") and _plain_type(c.type) in (int, str, float)
-}
-_FINISH_FIELDS["config"] = (dict,)
-
-
-def check_entry(entry: Any) -> None:
-    """Raise BadEntry unless ``entry`` has the fields and types its kind needs.
-
-    Checked before the database sees it, so that a malformed file is set
-    aside with a reason instead of failing somewhere inside the write.
-    """
-    if not isinstance(entry, dict):
-        raise BadEntry(f"the entry is a JSON {_json_type(entry)}, not an object")
-    kind = entry.get("kind")
-    spec = _ENTRY_FIELDS.get(kind) if isinstance(kind, str) else None
-    if spec is None:
-        raise BadEntry(f"kind {kind!r} is not one of: {', '.join(_ENTRY_FIELDS)}")
-    for name, (required, types) in spec.items():
-        value = entry.get(name)
-        if value is None:
-            if required:
-                raise BadEntry(f"{kind} entry has no {name!r} (or it is null)")
-            continue
-        _check_value(name, value, types)
-    if not 1 <= entry["run_id"] <= MAX_ID:
-        raise BadEntry(f"run_id {entry['run_id']} is not a run id (1 to {MAX_ID})")
-    if kind == "metrics":
-        _check_points(entry["points"])
-        recorded = entry.get("recorded_at")
-        if recorded is not None:
-            try:
-                datetime.fromisoformat(recorded)
-            except ValueError:
-                raise BadEntry(
-                    f"recorded_at {recorded!r} is not an ISO 8601 time"
-                ) from None
-    elif kind == "server_evaluation":
-        for key, value in entry["metrics"].items():
-            if value is not None:
-                _check_value(f"metrics.{key}", value, (int, float))
-    elif kind == "run_finish":
-        for key, value in (entry.get("fields") or {}).items():
-            types = _FINISH_FIELDS.get(key)
-            if types is None:
-                raise BadEntry(
-                    f"fields.{key} cannot be set by a closing entry; it can set"
-                    f" {', '.join(sorted(_FINISH_FIELDS))}"
-                )
-            if value is not None:
-                _check_value(f"fields.{key}", value, types)
-
-
-def _check_points(points: dict[str, Any]) -> None:
-    lengths = set()
-    for name, types in _POINT_COLUMNS.items():
-        column = points.get(name)
-        if not isinstance(column, list):
-            raise BadEntry(f"points.{name} is not a list")
-        for value in column:
-            _check_value(f"points.{name}", value, types)
-        lengths.add(len(column))
-    if len(lengths) > 1:
-        raise BadEntry("the points lists are not all the same length")
-
-
-def _check_value(name: str, value: Any, types: tuple[type, ...]) -> None:
-    # JSON true/false are Python bools, which are ints too: not a number here.
-    if isinstance(value, bool) or not isinstance(value, types):
-        wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-        raise BadEntry(f"{name} is {_json_type(value)} {_short(value)}, not {wanted}")
-    if isinstance(value, int) and not -MAX_ID <= value <= MAX_ID:
-        raise BadEntry(f"{name} {value} is out of the 64-bit integer range")
-
-
-_TYPE_NAMES = {
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    dict: "an object",
-    list: "a list",
-}
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    return "array" if isinstance(value, list) else "object"
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."

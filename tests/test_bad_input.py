@@ -141,18 +141,6 @@ CASES = {
         1,
         "training diverged at epoch 1: train loss is nan with train.lr=1e+06",
     ),
-    "federated-diverges": Case(
-        lambda d, t: [
-            "run",
-            f"data.path={d}",
-            *QUICK,
-            *DIVERGE,
-            "simulation.num_supernodes=2",
-            "num_rounds=1",
-        ],
-        1,
-        "TrainingDivergedError: training diverged at epoch 1",
-    ),
     "unreachable-database": Case(
         lambda d, t: ["train", f"data.path={d}", *QUICK],
         1,

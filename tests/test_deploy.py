@@ -7,7 +7,6 @@ SuperNodes without it, a one-shot submitter) runs as local processes.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -20,14 +19,14 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from client_app.messages import REPLY_METRICS
 from fedpneumo.deploy import node_config
 from fedpneumo.flower import STARTED, descendants, process_alive
 from persistence.db import get_engine, session_scope
 from persistence.models import Client, Run, RunMetric, ServerEvaluation
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT
 from tests.deployment import (
     DATABASE_ENV_PREFIXES,
     NativeDeployment,
@@ -401,68 +400,3 @@ def test_deploy_native_topology_relay(
         )
         assert (client_dir / "metrics.jsonl").is_file()
         assert not (client_dir / "spool").exists()
-
-
-# Relay versus direct -----------------------------------------------------------
-
-
-def client_metrics(db: Path) -> tuple[dict[tuple[Any, ...], Any], int, set[Any]]:
-    """Return a run's per-client metric values by key, its row count, its clients."""
-    with session_scope(get_engine(f"sqlite:///{db}")) as s:
-        run = s.scalars(select(Run)).one()
-        assert run.status == "completed"
-        rows = s.execute(
-            select(
-                Client.client_identifier,
-                RunMetric.round_number,
-                RunMetric.metric_name,
-                RunMetric.step,
-                RunMetric.dataset_type,
-                RunMetric.metric_value,
-                RunMetric.is_nan,
-            ).join(Client, RunMetric.client_id == Client.id)
-        ).all()
-        total = s.scalar(select(func.count()).select_from(RunMetric))
-        clients = {
-            (c.client_identifier, c.partition_id, c.num_examples)
-            for c in s.scalars(select(Client))
-        }
-    values = {tuple(r[:5]): (r[5], r[6]) for r in rows}
-    assert len(values) == len(rows), "duplicate per-client metric rows"
-    return values, int(total or 0), clients
-
-
-@pytest.mark.e2e
-def test_relay_and_direct_produce_the_same_keys(
-    tmp_path: Path, data_file: Path
-) -> None:
-    results = {}
-    for mode in ("direct", "relay"):
-        out = tmp_path / mode
-        result = run_cli(
-            "run",
-            f"data.path={data_file}",
-            *SMALL,
-            "num_rounds=2",
-            f"outputs_dir={out}",
-            f"tracking.client_writes={mode}",
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        results[mode] = client_metrics(out / "fedpneumo.db")
-        spools = list((out / "runs").glob("*/clients/*/spool"))
-        # Direct clients spool their own writes; relaying clients write nothing.
-        assert bool(spools) == (mode == "direct"), spools
-    direct, direct_total, direct_clients = results["direct"]
-    relay, relay_total, relay_clients = results["relay"]
-    assert {k[0] for k in direct} == {"client-0", "client-1"}
-    assert {k[1] for k in direct} == {1, 2}
-    assert set(relay) == set(direct)
-    assert relay_total == direct_total
-    assert relay_clients == direct_clients
-    # Same seed, CPU: the same numbers, NaN included (timings aside).
-    for key, (value, is_nan) in direct.items():
-        if "seconds" in key[2]:
-            continue
-        relayed, relayed_nan = relay[key]
-        assert relayed_nan == is_nan, key
-        assert is_nan or math.isclose(relayed, value, rel_tol=1e-6), key

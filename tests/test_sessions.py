@@ -7,6 +7,7 @@ The same sessions through `flwr run` and Ray are in tests/test_federated.py.
 
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,13 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from client_app.app import app as client_app
 from client_app.app import label_counts, train
 from client_app.partition import PartitionSpec, client_split
 from persistence.db import dispose_engines, get_engine, session_scope
-from persistence.models import ClientFailure, Run, ServerEvaluation
+from persistence.models import Client, ClientFailure, Run, RunMetric, ServerEvaluation
 from server_app.choices import StrategyName
 from server_app.compose import load_config, resolve_paths
 from server_app.factories import instructions
@@ -143,3 +144,73 @@ def test_clients_report_label_counts_for_one_global_class_weight(
     labels = np.concatenate([client_split(spec, i)[0].labels for i in range(3)])
     assert weight == pytest.approx((labels == 0).sum() / (labels == 1).sum())
     assert 0.2 < weight < 0.6  # about 26 % normal images: neg/pos near 0.35
+
+
+def test_a_diverging_session_fails_with_the_clients_reason(
+    tmp_path: Path, data_file: Path
+) -> None:
+    diverge = ("model.norm=none", "train.optimizer=sgd", "train.lr=1e6")
+    with pytest.raises(TooFewRepliesError, match="training diverged at epoch 1"):
+        session(tmp_path, data_file, *diverge, "train.batch_size=8", "num_rounds=1")
+    with session_scope(get_engine(session_url(tmp_path))) as s:
+        run = s.scalars(select(Run)).one()
+        assert run.status == "failed" and run.end_time is not None
+        reason = run.error_message or ""
+        assert "TrainingDivergedError" in reason
+        assert "training diverged at epoch 1: train loss is nan" in reason
+    dispose_engines()
+
+
+def session_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'out' / 'fedpneumo.db'}"
+
+
+def client_rows(url: str) -> tuple[dict[tuple[Any, ...], Any], int, set[Any]]:
+    """A run's per-client metric values by key, its row count, its clients."""
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert run.status == "completed"
+        rows = s.execute(
+            select(
+                Client.client_identifier,
+                RunMetric.round_number,
+                RunMetric.metric_name,
+                RunMetric.step,
+                RunMetric.dataset_type,
+                RunMetric.metric_value,
+                RunMetric.is_nan,
+            ).join(Client, RunMetric.client_id == Client.id)
+        ).all()
+        total = s.scalar(select(func.count()).select_from(RunMetric))
+        clients = {
+            (c.client_identifier, c.partition_id, c.num_examples)
+            for c in s.scalars(select(Client))
+        }
+    values = {tuple(r[:5]): (r[5], r[6]) for r in rows}
+    assert len(values) == len(rows), "duplicate per-client metric rows"
+    return values, int(total or 0), clients
+
+
+def test_relay_and_direct_store_the_same_rows(tmp_path: Path, data_file: Path) -> None:
+    results = {}
+    for mode in ("direct", "relay"):
+        url = session(tmp_path / mode, data_file, f"tracking.client_writes={mode}")
+        results[mode] = client_rows(url)
+        spools = list((tmp_path / mode / "out" / "runs").glob("*/clients/*/spool"))
+        # Direct clients spool their own writes; relaying clients write nothing.
+        assert bool(spools) == (mode == "direct"), spools
+        dispose_engines()
+    direct, direct_total, direct_clients = results["direct"]
+    relay, relay_total, relay_clients = results["relay"]
+    assert {k[0] for k in direct} == {f"client-{i}" for i in range(NUM_NODES)}
+    assert {k[1] for k in direct} == {1, 2}
+    assert set(relay) == set(direct)
+    assert relay_total == direct_total
+    assert relay_clients == direct_clients
+    # Same seed, CPU: the same numbers, NaN included (timings aside).
+    for key, (value, is_nan) in direct.items():
+        if "seconds" in key[2]:
+            continue
+        relayed, relayed_nan = relay[key]
+        assert relayed_nan == is_nan, key
+        assert is_nan or math.isclose(relayed, value, rel_tol=1e-6), key
