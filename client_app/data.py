@@ -37,24 +37,40 @@ PATH_HINT = (
 )
 
 
-def load_npz(path: Path, image_size: int = 28) -> XrayData:
-    """Load and validate a MedMNIST-layout .npz file (test split optional)."""
+def load_npz(
+    path: Path, image_size: int = 28, *, for_training: bool = True
+) -> XrayData:
+    """Load and validate a MedMNIST-layout .npz file (test split optional).
+
+    Training needs train and val; scoring a model (``for_training=False``)
+    takes a file holding any complete split, such as a test-only file.
+    """
     path = Path(path).expanduser()
     _check_image_size(image_size)
     if not path.is_file():
         raise DataError(f"data.path '{path}' does not exist; {PATH_HINT}")
     arrays = _read_npz(path)
-    missing = [key for key in REQUIRED_KEYS if key not in arrays]
-    has_test = [key for key in ("test_images", "test_labels") if key in arrays]
-    if len(has_test) == 1:
-        missing.append("test_labels" if has_test == ["test_images"] else "test_images")
-    if missing:
-        raise DataError(
-            f"'{path}' lacks keys {missing}; found {sorted(arrays)}; a MedMNIST "
-            f"file has {list(REQUIRED_KEYS)} and optionally test_images/test_labels"
+    keys = {name: [f"{name}_images", f"{name}_labels"] for name in SPLITS}
+    present = [name for name in SPLITS if any(k in arrays for k in keys[name])]
+    needed = REQUIRED_KEYS if for_training else ()
+    missing = [key for key in needed if key not in arrays]
+    missing += [
+        key
+        for name in present
+        for key in keys[name]
+        if key not in arrays and key not in missing
+    ]
+    if missing or not present:
+        wanted = (
+            f"{list(REQUIRED_KEYS)} and optionally test_images/test_labels"
+            if for_training
+            else "<split>_images and <split>_labels for a split of train, val, test"
         )
-    names = SPLITS if has_test else SPLITS[:2]
-    splits = {name: _npz_split(arrays, name, path, image_size) for name in names}
+        raise DataError(
+            f"'{path}' lacks keys {missing or wanted}; found {sorted(arrays)}; a "
+            f"MedMNIST file has {wanted}"
+        )
+    splits = {name: _npz_split(arrays, name, path, image_size) for name in present}
     return XrayData(splits=splits, source=str(path.resolve()))
 
 
@@ -137,8 +153,14 @@ def _check_image_size(image_size: int) -> None:
         raise DataError(f"data.image_size {image_size} is too small; use 8 or more")
 
 
-def load_image_folder(path: Path, image_size: int = 28) -> XrayData:
-    """Load a Kermany-layout folder: <split>/NORMAL and <split>/PNEUMONIA images."""
+def load_image_folder(
+    path: Path, image_size: int = 28, *, for_training: bool = True
+) -> XrayData:
+    """Load a Kermany-layout folder: <split>/NORMAL and <split>/PNEUMONIA images.
+
+    Training needs train/ (val is carved from it when absent); scoring a model
+    (``for_training=False``) takes any split folder, such as only test/.
+    """
     path = Path(path).expanduser()
     _check_image_size(image_size)
     if not path.is_dir():
@@ -148,6 +170,8 @@ def load_image_folder(path: Path, image_size: int = 28) -> XrayData:
         for name in SPLITS
         if (path / name).is_dir()
     }
+    if not for_training and splits:
+        return XrayData(splits=splits, source=str(path.resolve()))
     if "train" not in splits:
         raise DataError(
             f"'{path}' has no train/ folder; expected {path}/train/NORMAL and "
@@ -324,15 +348,24 @@ def _class_counts(source: str, name: str, counts: np.ndarray) -> str:
     )
 
 
-def _load_path(path: str, image_size: int) -> XrayData:
+def _load_path(path: str, image_size: int, for_training: bool = True) -> XrayData:
     if path == SYNTHETIC:
         return make_synthetic(image_size=image_size)
     resolved = Path(path).expanduser()
     if resolved.is_dir():
-        return load_image_folder(resolved, image_size)
+        return load_image_folder(resolved, image_size, for_training=for_training)
     if resolved.is_file():
-        return load_npz(resolved, image_size)
+        return load_npz(resolved, image_size, for_training=for_training)
     raise DataError(f"data.path '{path}' does not exist; {PATH_HINT}")
+
+
+def load_data_file(path: str, *, image_size: int = 28) -> XrayData:
+    """Load the splits a file or folder holds, for scoring a saved model.
+
+    Unlike ``resolve_data`` nothing is downloaded and no split is required:
+    a file with only ``test_images``/``test_labels`` is enough.
+    """
+    return _load_path(path.strip(), image_size, for_training=False)
 
 
 def _download_medmnist(root: Path, image_size: int) -> Path:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from client_app.data import XrayData, resolve_data
+from client_app.data import XrayData, load_data_file
 from client_app.metrics import NonFiniteOutputError
 from client_app.metrics_collector import MetricsCollectorCallback
+from client_app.splits import DataError
 from client_app.trainer import (
     Callback,
     CheckpointError,
@@ -134,7 +135,12 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """Score a saved model on a split of any supported data file or folder."""
     model, state = restore_model(checkpoint)
-    data = resolve_data(data_path, image_size=int(state.get("image_size", 28)))
+    if not data_path.strip():
+        raise DataError(
+            "--data is empty; give a .npz file or a Kermany image folder to score on"
+        )
+    # Any file holding the split will do: a test-only file is the usual case.
+    data = load_data_file(data_path, image_size=int(state.get("image_size", 28)))
     threshold = float(state["threshold"])
     if not math.isfinite(threshold):
         raise CheckpointError(

@@ -449,3 +449,37 @@ def test_evaluate_json_is_strict_json_when_a_metric_is_undefined(
     assert "NaN" not in out
     metrics = json.loads(out)
     assert metrics["auroc"] is None and metrics["accuracy"] is not None
+
+
+# --- evaluate on a file that holds only the split it scores -----------------
+
+
+def only_test_split(tmp_path: Path, kind: str) -> Path:
+    """A test-only .npz, or an image folder with only test/."""
+    if kind == "folder":
+        return write_folder(tmp_path / "xrays", {"test": (4, 5)})
+    data = make_synthetic(n_train=10, n_val=10, seed=4)
+    test = data.splits["val"]
+    path = tmp_path / "test-only.npz"
+    np.savez(path, test_images=test.images, test_labels=test.labels)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["npz", "folder"])
+def test_evaluate_a_file_that_holds_only_the_test_split(
+    kind: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = only_test_split(tmp_path, kind)
+    checkpoint = saved(tmp_path / "best_model.pt", CNN)
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)]
+    code, out, err = cli(monkeypatch, capsys, *args, "--split", "test", "--json")
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert metrics["num_samples"] == (9 if kind == "folder" else 10)
+    code, out, err = cli(monkeypatch, capsys, *args, "--split", "val")
+    assert code == 2
+    assert_one_error_line(out, err, "split 'val' is not in ")
+    assert err.strip().endswith("available splits: test")
