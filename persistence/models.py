@@ -281,3 +281,55 @@ class ClientFailure(Base):
             f"ClientFailure(run_id={self.run_id}, round={self.round_number}, "
             f"node={self.node_id})"
         )
+
+
+class ClientEvaluation(Base):
+    """The global model of a round scored by one hospital on its held-out slice.
+
+    ``auroc`` is NULL when the slice holds one class only (it is undefined).
+    """
+
+    __tablename__ = "client_evaluations"
+    __table_args__ = (
+        UniqueConstraint(
+            "run_id", "client_id", "round_number", name="uq_client_evaluations_round"
+        ),
+        *unit_interval("accuracy", "precision", "recall", "f1_score", "auroc"),
+        *unit_interval("threshold"),
+        *non_negative(
+            "round_number",
+            "num_samples",
+            "true_positives",
+            "true_negatives",
+            "false_positives",
+            "false_negatives",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), index=True
+    )
+    client_id: Mapped[int] = mapped_column(
+        ForeignKey("clients.id", ondelete="CASCADE"), index=True
+    )
+    round_number: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float(53))
+    accuracy: Mapped[float | None] = mapped_column(Float(53))
+    precision: Mapped[float | None] = mapped_column(Float(53))
+    recall: Mapped[float | None] = mapped_column(Float(53))
+    f1_score: Mapped[float | None] = mapped_column(Float(53))
+    auroc: Mapped[float | None] = mapped_column(Float(53))
+    threshold: Mapped[float | None] = mapped_column(Float(53))
+    num_samples: Mapped[int | None] = mapped_column(Integer)
+    true_positives: Mapped[int | None] = mapped_column(Integer)
+    true_negatives: Mapped[int | None] = mapped_column(Integer)
+    false_positives: Mapped[int | None] = mapped_column(Integer)
+    false_negatives: Mapped[int | None] = mapped_column(Integer)
+    evaluation_time: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientEvaluation(run_id={self.run_id}, client_id={self.client_id}, "
+            f"round={self.round_number})"
+        )

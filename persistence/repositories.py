@@ -21,6 +21,7 @@ from persistence.models import (
     TRAINING_MODES,
     Base,
     Client,
+    ClientEvaluation,
     ClientFailure,
     Experiment,
     Run,
@@ -286,13 +287,7 @@ def add_server_evaluation(
 
     Non-finite values are stored as NULL so range checks stay meaningful.
     """
-    values: dict[str, Any] = {}
-    for key in SERVER_EVALUATION_FIELDS:
-        value = metrics.get(key)
-        if value is None or not math.isfinite(float(value)):
-            values[key] = None
-        else:
-            values[key] = int(value) if key in _COUNT_FIELDS else float(value)
+    values = _evaluation_values(metrics)
     stmt: Insert = _insert(session, ServerEvaluation).values(
         run_id=run_id,
         round_number=round_number,
@@ -330,10 +325,49 @@ def add_client_failure(
     return session.execute(stmt.returning(ClientFailure.id)).first() is not None
 
 
+def _evaluation_values(metrics: Mapping[str, float]) -> dict[str, Any]:
+    """The evaluation columns of a metrics mapping; non-finite values become NULL."""
+    values: dict[str, Any] = {}
+    for key in SERVER_EVALUATION_FIELDS:
+        value = metrics.get(key)
+        if value is None or not math.isfinite(float(value)):
+            values[key] = None
+        else:
+            values[key] = int(value) if key in _COUNT_FIELDS else float(value)
+    return values
+
+
+def add_client_evaluation(
+    session: Session,
+    *,
+    run_id: int,
+    client_id: int,
+    round_number: int,
+    metrics: Mapping[str, float],
+) -> bool:
+    """Store one hospital's score of a round's global model; False if already stored.
+
+    An AUROC that is undefined (the hospital's slice holds one class) is NULL,
+    never 0.
+    """
+    stmt: Insert = _insert(session, ClientEvaluation).values(
+        run_id=run_id,
+        client_id=client_id,
+        round_number=round_number,
+        evaluation_time=utcnow(),
+        **_evaluation_values(metrics),
+    )
+    stmt = stmt.on_conflict_do_nothing(
+        index_elements=["run_id", "client_id", "round_number"]
+    )
+    result = session.execute(stmt.returning(ClientEvaluation.id))
+    return result.first() is not None
+
+
 def delete_rounds_after(session: Session, *, run_id: int, round_number: int) -> int:
     """Delete a run's per-round rows after a round (the unfinished tail of a run)."""
     deleted = 0
-    for model in (RunMetric, ServerEvaluation, ClientFailure):
+    for model in (RunMetric, ServerEvaluation, ClientFailure, ClientEvaluation):
         result = session.execute(
             delete(model).where(
                 model.run_id == run_id, model.round_number > round_number

@@ -23,7 +23,14 @@ from persistence.db import (
     table_names,
     upgrade_database,
 )
-from persistence.models import Base, Run, RunMetric, ServerEvaluation, utcnow
+from persistence.models import (
+    Base,
+    ClientEvaluation,
+    Run,
+    RunMetric,
+    ServerEvaluation,
+    utcnow,
+)
 from persistence.repositories import MetricPoint
 
 TABLES = [
@@ -302,3 +309,40 @@ def test_large_orphan_batch_is_rejected(engine: Engine) -> None:
         repo.add_metrics(s, run_id=987654, client_id=None, points=points)
     with session_scope(engine) as s:
         assert s.scalar(select(RunMetric.id)) is None
+
+
+def test_client_evaluations_are_written_once_and_follow_their_run(
+    engine: Engine,
+) -> None:
+    run_id = _new_run(engine, mode="federated")
+    one_class = {"loss": 0.4, "accuracy": 0.9, "auroc": math.nan, "num_samples": 7}
+    with session_scope(engine) as s:
+        client = repo.get_or_create_client(s, run_id=run_id, client_identifier="h-0")
+        for round_number in (1, 2):
+            assert repo.add_client_evaluation(
+                s,
+                run_id=run_id,
+                client_id=client.id,
+                round_number=round_number,
+                metrics=one_class,
+            )
+        assert not repo.add_client_evaluation(  # a replay stores nothing
+            s, run_id=run_id, client_id=client.id, round_number=1, metrics=one_class
+        )
+    with session_scope(engine) as s:
+        rows = s.scalars(select(ClientEvaluation)).all()
+        # A one-class slice has no AUROC: NULL, never 0.
+        assert [(r.round_number, r.auroc, r.num_samples) for r in rows] == [
+            (1, None, 7),
+            (2, None, 7),
+        ]
+        repo.delete_rounds_after(s, run_id=run_id, round_number=1)
+    with session_scope(engine) as s:
+        assert s.scalars(select(ClientEvaluation.round_number)).all() == [1]
+        s.execute(text("DELETE FROM experiments"))
+    with session_scope(engine) as s:
+        assert s.scalar(select(ClientEvaluation.id)) is None
+    with pytest.raises(IntegrityError), session_scope(engine) as s:
+        repo.add_client_evaluation(  # no such run or client
+            s, run_id=run_id, client_id=999, round_number=1, metrics=one_class
+        )
