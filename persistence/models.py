@@ -207,7 +207,24 @@ Index(
 )
 
 
-class ServerEvaluation(Base):
+class EvaluationScores:
+    """The scores every evaluation of a model stores (a mixin of two tables)."""
+
+    loss: Mapped[float | None] = mapped_column(Float(53))
+    accuracy: Mapped[float | None] = mapped_column(Float(53))
+    precision: Mapped[float | None] = mapped_column(Float(53))
+    recall: Mapped[float | None] = mapped_column(Float(53))
+    f1_score: Mapped[float | None] = mapped_column(Float(53))
+    auroc: Mapped[float | None] = mapped_column(Float(53))
+    threshold: Mapped[float | None] = mapped_column(Float(53))
+    num_samples: Mapped[int | None] = mapped_column(Integer)
+    true_positives: Mapped[int | None] = mapped_column(Integer)
+    true_negatives: Mapped[int | None] = mapped_column(Integer)
+    false_positives: Mapped[int | None] = mapped_column(Integer)
+    false_negatives: Mapped[int | None] = mapped_column(Integer)
+
+
+class ServerEvaluation(EvaluationScores, Base):
     """The global model evaluated by the server on the validation split."""
 
     __tablename__ = "server_evaluations"
@@ -232,18 +249,6 @@ class ServerEvaluation(Base):
     )
     round_number: Mapped[int] = mapped_column(Integer)
     dataset_type: Mapped[str] = mapped_column(String(16), default="val")
-    loss: Mapped[float | None] = mapped_column(Float(53))
-    accuracy: Mapped[float | None] = mapped_column(Float(53))
-    precision: Mapped[float | None] = mapped_column(Float(53))
-    recall: Mapped[float | None] = mapped_column(Float(53))
-    f1_score: Mapped[float | None] = mapped_column(Float(53))
-    auroc: Mapped[float | None] = mapped_column(Float(53))
-    threshold: Mapped[float | None] = mapped_column(Float(53))
-    num_samples: Mapped[int | None] = mapped_column(Integer)
-    true_positives: Mapped[int | None] = mapped_column(Integer)
-    true_negatives: Mapped[int | None] = mapped_column(Integer)
-    false_positives: Mapped[int | None] = mapped_column(Integer)
-    false_negatives: Mapped[int | None] = mapped_column(Integer)
     eval_seconds: Mapped[float | None] = mapped_column(Float(53))
     evaluation_time: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -283,7 +288,7 @@ class ClientFailure(Base):
         )
 
 
-class ClientEvaluation(Base):
+class ClientEvaluation(EvaluationScores, Base):
     """The global model of a round scored by one hospital on its held-out slice.
 
     ``auroc`` is NULL when the slice holds one class only (it is undefined).
@@ -314,18 +319,6 @@ class ClientEvaluation(Base):
         ForeignKey("clients.id", ondelete="CASCADE"), index=True
     )
     round_number: Mapped[int] = mapped_column(Integer)
-    loss: Mapped[float | None] = mapped_column(Float(53))
-    accuracy: Mapped[float | None] = mapped_column(Float(53))
-    precision: Mapped[float | None] = mapped_column(Float(53))
-    recall: Mapped[float | None] = mapped_column(Float(53))
-    f1_score: Mapped[float | None] = mapped_column(Float(53))
-    auroc: Mapped[float | None] = mapped_column(Float(53))
-    threshold: Mapped[float | None] = mapped_column(Float(53))
-    num_samples: Mapped[int | None] = mapped_column(Integer)
-    true_positives: Mapped[int | None] = mapped_column(Integer)
-    true_negatives: Mapped[int | None] = mapped_column(Integer)
-    false_positives: Mapped[int | None] = mapped_column(Integer)
-    false_negatives: Mapped[int | None] = mapped_column(Integer)
     evaluation_time: Mapped[datetime] = mapped_column(default=utcnow)
 
     def __repr__(self) -> str:
