@@ -120,7 +120,7 @@ def test_killed_run_resumes_in_the_same_run(
 ) -> None:
     url = pg_server.create_database()
     out = tmp_path / "out"
-    args = [f"data.path={data_file}", "data.limit=600", *SMALL, "num_rounds=4"]
+    args = [f"data.path={data_file}", "data.limit=300", *SMALL, "num_rounds=4"]
     proc = start_run([*args, f"outputs_dir={out}"], {"DATABASE_URL": url})
     try:
         wait_for_round(url, 2, proc)
