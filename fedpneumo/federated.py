@@ -209,7 +209,6 @@ class StreamHandler:
         self.reporter = reporter
         self.logfile = logfile.open("a")
         self.echo = echo
-        self.errors: list[str] = []
         self.started = time.monotonic()
         self.round_times: dict[int, float] = {}
         self.pending: dict | None = None
@@ -240,8 +239,6 @@ class StreamHandler:
             log.info("tracking database reachable again: spooled metrics written")
         elif kind == TRACKING_PENDING:
             self.pending = event
-        elif "ERROR" in line or "Traceback" in line:
-            self.errors.append(line)
 
     def _log(self, line: str) -> None:
         if self.logfile is None:
@@ -278,7 +275,7 @@ def launch(
         except KeyboardInterrupt:
             _interrupted(superlink, url)
             raise
-    outcome_ = SessionOutcome(
+    session = SessionOutcome(
         cfg=cfg,
         flower=outcome,
         run=None,
@@ -287,13 +284,13 @@ def launch(
         pending=handler.pending,
     )
     try:
-        outcome_.run = find_run(url, outcome.flwr_run_id)
-        if not outcome.completed and outcome_.run is not None:
-            outcome_.run = close_abandoned(outcome_.run, url, handler)
+        session.run = find_run(url, outcome.flwr_run_id)
+        if not outcome.completed and session.run is not None:
+            session.run = close_abandoned(session.run, url, handler)
     except (DBAPIError, DatabaseError) as exc:
         # Down, or refusing writes (a SQLite file on a full disk): say so.
-        outcome_.db_error = describe_error(exc, url)
-    return outcome_
+        session.db_error = describe_error(exc, url)
+    return session
 
 
 def close_abandoned(run: Run, url: str, handler: StreamHandler) -> Run:
@@ -376,13 +373,10 @@ def _existing_database(url: str) -> None:
     """Refuse to resume against a SQLite file that does not exist (never create one)."""
     if not url.startswith("sqlite"):
         return
-    from sqlalchemy.engine import make_url
-
     from persistence.db import check_sqlite_path
 
-    check_sqlite_path(url, create_folder=False)
-    path = make_url(url).database
-    if not path or path == ":memory:" or not Path(path).is_file():
+    path = check_sqlite_path(url, create_folder=False)
+    if path is None or not path.is_file():
         raise DatabaseError(
             f"database file {path} does not exist; give the run's database with "
             "--db (or --outputs for the folder holding fedpneumo.db)"

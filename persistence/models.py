@@ -210,6 +210,23 @@ Index(
 class EvaluationScores:
     """The scores every evaluation of a model stores (a mixin of two tables)."""
 
+    @staticmethod
+    def checks(*non_negative_extra: str) -> list[CheckConstraint]:
+        """Return the range CHECKs of the score columns (and of the extra ones)."""
+        return [
+            *unit_interval("accuracy", "precision", "recall", "f1_score", "auroc"),
+            *unit_interval("threshold"),
+            *non_negative(
+                "round_number",
+                "num_samples",
+                *non_negative_extra,
+                "true_positives",
+                "true_negatives",
+                "false_positives",
+                "false_negatives",
+            ),
+        ]
+
     loss: Mapped[float | None] = mapped_column(Float(53))
     accuracy: Mapped[float | None] = mapped_column(Float(53))
     precision: Mapped[float | None] = mapped_column(Float(53))
@@ -230,17 +247,7 @@ class ServerEvaluation(EvaluationScores, Base):
     __tablename__ = "server_evaluations"
     __table_args__ = (
         UniqueConstraint("run_id", "round_number", name="uq_server_evaluations_round"),
-        *unit_interval("accuracy", "precision", "recall", "f1_score", "auroc"),
-        *unit_interval("threshold"),
-        *non_negative(
-            "round_number",
-            "num_samples",
-            "eval_seconds",
-            "true_positives",
-            "true_negatives",
-            "false_positives",
-            "false_negatives",
-        ),
+        *EvaluationScores.checks("eval_seconds"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -299,16 +306,7 @@ class ClientEvaluation(EvaluationScores, Base):
         UniqueConstraint(
             "run_id", "client_id", "round_number", name="uq_client_evaluations_round"
         ),
-        *unit_interval("accuracy", "precision", "recall", "f1_score", "auroc"),
-        *unit_interval("threshold"),
-        *non_negative(
-            "round_number",
-            "num_samples",
-            "true_positives",
-            "true_negatives",
-            "false_positives",
-            "false_negatives",
-        ),
+        *EvaluationScores.checks(),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
