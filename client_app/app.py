@@ -19,7 +19,9 @@ from flwr.clientapp import ClientApp
 from client_app.data import Split
 from client_app.messages import (
     COUNTS_RECORD,
+    EVAL_THRESHOLD,
     INFO_RECORD,
+    NUM_EXAMPLES,
     RELAY_RECORD,
     TrainInstructions,
     encode_relay_rows,
@@ -28,7 +30,7 @@ from client_app.messages import (
 from client_app.metrics_collector import MetricsCollectorCallback
 from client_app.model import build_model
 from client_app.partition import PartitionSpec, client_split
-from client_app.trainer import TrainSettings, fit
+from client_app.trainer import TrainSettings, evaluate, fit
 from persistence.db import database_url_from_env
 from persistence.errors import InputError
 
@@ -49,20 +51,25 @@ def _direct_url(ins: TrainInstructions) -> str:
     return url
 
 
+def client_identifier(partition_id: int) -> str:
+    """Return the name a hospital has in the database (``client-<partition>``)."""
+    return f"client-{partition_id}"
+
+
 def make_collector(
     ins: TrainInstructions, context: Context, partition_id: int, num_examples: int
 ) -> MetricsCollectorCallback:
     """Attach the collector to the server's run id for this client and round."""
-    client_identifier = f"client-{partition_id}"
+    identifier = client_identifier(partition_id)
     outputs_dir = str(context.node_config.get("outputs-dir") or ins.outputs_dir)
     relay = ins.client_writes == "relay"
     return MetricsCollectorCallback(
-        Path(outputs_dir) / "runs" / str(ins.run_id) / "clients" / client_identifier,
+        Path(outputs_dir) / "runs" / str(ins.run_id) / "clients" / identifier,
         run_id=ins.run_id,
         training_mode="federated",
         enable_db_persistence=ins.enable_db,
         database_url=None if relay or not ins.enable_db else _direct_url(ins),
-        client_identifier=client_identifier,
+        client_identifier=identifier,
         round_number=ins.server_round,
         partition_id=partition_id,
         node_id=context.node_id,
@@ -117,13 +124,9 @@ def label_counts(msg: Message, context: Context) -> Message:
     return Message(RecordDict({COUNTS_RECORD: MetricRecord(counts)}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this hospital's partition."""
-    ins = TrainInstructions.from_config(msg.content["config"])
-    partition_id = int(context.node_config["partition-id"])
+def received_model(msg: Message, ins: TrainInstructions) -> torch.nn.Module:
+    """Build the model the instructions name, with the message's weights."""
     torch.set_num_threads(max(ins.num_threads, 1))
-    train_split, val_split = local_data(ins, context)
     model = build_model(
         ins.model_name,
         width=ins.model_width,
@@ -131,6 +134,51 @@ def train(msg: Message, context: Context) -> Message:
         norm=ins.model_norm,
     )
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
+
+
+def client_info(context: Context, num_examples: int) -> ConfigRecord:
+    """Return who replies: identifier and partition (kept out of the metrics)."""
+    partition_id = int(context.node_config["partition-id"])
+    return ConfigRecord(
+        {
+            "client-identifier": client_identifier(partition_id),
+            "partition-id": partition_id,
+            "num-examples": num_examples,
+        }
+    )
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Score the global model on the slice of this hospital's data kept aside.
+
+    The threshold is the server's, chosen on val this round, so accuracy and
+    F1 compare across hospitals. AUROC is NaN when the slice holds one class.
+    """
+    config = msg.content["config"]
+    ins = TrainInstructions.from_config(config)
+    train_split, held_out = local_data(ins, context)
+    model = received_model(msg, ins)
+    metrics = evaluate(
+        model, held_out, threshold=float(config[EVAL_THRESHOLD]), device=ins.device
+    )
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({**metrics, NUM_EXAMPLES: len(held_out)}),
+            INFO_RECORD: client_info(context, len(train_split)),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this hospital's partition."""
+    ins = TrainInstructions.from_config(msg.content["config"])
+    partition_id = int(context.node_config["partition-id"])
+    train_split, val_split = local_data(ins, context)
+    model = received_model(msg, ins)
     collector = make_collector(ins, context, partition_id, len(train_split))
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     settings = train_settings(ins, partition_id, mu)
@@ -142,13 +190,7 @@ def train(msg: Message, context: Context) -> Message:
             "metrics": MetricRecord(
                 reply_metrics(result.history[-1], len(train_split))
             ),
-            INFO_RECORD: ConfigRecord(
-                {
-                    "client-identifier": collector.client_identifier or "",
-                    "partition-id": partition_id,
-                    "num-examples": len(train_split),
-                }
-            ),
+            INFO_RECORD: client_info(context, len(train_split)),
         }
     )
     if collector.relay:

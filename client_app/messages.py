@@ -28,6 +28,9 @@ INFO_RECORD = "info"
 # A query reply: how many negative and positive training images a client holds.
 COUNTS_RECORD = "label-counts"
 RELAY_RECORD = "relay"
+# An evaluate instruction: the decision threshold the server chose on val
+# this round, so every hospital's accuracy and F1 use the same cut.
+EVAL_THRESHOLD = "threshold"
 
 
 @dataclass

@@ -22,7 +22,7 @@ from client_app.metric_keys import dataset_type_of
 from client_app.trainer import Callback
 from persistence import repositories as repo
 from persistence.db import default_database_url, get_engine, session_scope
-from persistence.entries import MetricBatch
+from persistence.entries import MetricBatch, score_on_test_entry
 from persistence.errors import FailedRunError
 from persistence.models import RunStatus
 from persistence.repositories import MetricPoint
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 JSON_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"
 CSV_FIELDS = ("round", "epoch", "metric_name", "value", "dataset_type")
+# Summary keys of the kept model's test score (the trainer's final_test_*).
+TEST_PREFIX = "final_test_"
 
 
 class MissingRunError(FailedRunError, LookupError):
@@ -178,6 +180,7 @@ class MetricsCollectorCallback(Callback):
         if numeric:
             step = int(summary.get("best_epoch", 0))
             self._record(step, {k: v for k, v in numeric.items() if k != "best_epoch"})
+            self._record_test(step, numeric)
         self.persist_to_database()
         if self._owns_run:
             self._close_run(
@@ -262,6 +265,18 @@ class MetricsCollectorCallback(Callback):
         self._check_run()
         assert self.run_id is not None
         self.writer.write(self._batch(points, run_id=self.run_id).to_entry())
+
+    def _record_test(self, step: int, summary: Mapping[str, float]) -> None:
+        """Store the kept model's test score apart, as federated runs do."""
+        test = {
+            k.removeprefix(TEST_PREFIX): v
+            for k, v in summary.items()
+            if k.startswith(TEST_PREFIX)
+        }
+        if not test or not self.enable_db_persistence or self.relay:
+            return
+        assert self.run_id is not None
+        self.writer.write(score_on_test_entry(self.run_id, step, test))
 
     def _batch(self, points: list[MetricPoint], *, run_id: int) -> MetricBatch:
         return MetricBatch(

@@ -57,6 +57,48 @@ class EvaluationRecord:
         return {"kind": "server_evaluation", **entry}
 
 
+@dataclass
+class HospitalScore:
+    """One hospital's score of a round's global model, as its reply carried it."""
+
+    client_identifier: str
+    metrics: dict[str, float]
+    partition_id: int | None = None
+    node_id: str | None = None
+    # The hospital's training examples (its ``clients`` row), not the slice's.
+    num_examples: int | None = None
+
+
+@dataclass
+class ClientEvaluationRound:
+    """Every hospital's score of one round's global model, written together."""
+
+    run_id: int
+    round_number: int
+    scores: list[HospitalScore]
+    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_entry(self) -> dict[str, Any]:
+        """Return a JSON-able spool entry."""
+        entry = asdict(self)
+        for score in entry["scores"]:
+            score["metrics"] = {k: float(v) for k, v in score["metrics"].items()}
+        return {"kind": "client_evaluations", **entry}
+
+
+def score_on_test_entry(
+    run_id: int, round_number: int, metrics: Mapping[str, float]
+) -> dict[str, Any]:
+    """Return the entry of a run's end-of-run test score (one per run)."""
+    return {
+        "kind": "test_evaluation",
+        "batch_id": f"test_evaluation-{run_id}",
+        "run_id": run_id,
+        "round_number": round_number,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
+
+
 def points_to_columns(points: list[MetricPoint]) -> dict[str, list[Any]]:
     """Pack metric points as parallel lists (JSON- and ConfigRecord-friendly).
 
@@ -128,6 +170,16 @@ def apply_entry(session: Any, entry: Mapping[str, Any]) -> int:
             eval_seconds=entry.get("eval_seconds"),
         )
         return int(stored)
+    if kind == "client_evaluations":
+        return _add_client_evaluations(session, entry)
+    if kind == "test_evaluation":
+        stored = repo.add_test_evaluation(
+            session,
+            run_id=entry["run_id"],
+            round_number=entry["round_number"],
+            metrics={k: float(v) for k, v in entry["metrics"].items()},
+        )
+        return int(stored)
     if kind == "client_failure":
         stored = repo.add_client_failure(
             session,
@@ -141,6 +193,27 @@ def apply_entry(session: Any, entry: Mapping[str, Any]) -> int:
     if kind == "run_finish":
         return _finish_run(session, entry)
     raise ValueError(f"unknown spool entry kind {kind!r}")
+
+
+def _add_client_evaluations(session: Any, entry: Mapping[str, Any]) -> int:
+    stored = 0
+    for score in entry["scores"]:
+        client = repo.get_or_create_client(
+            session,
+            run_id=entry["run_id"],
+            client_identifier=score["client_identifier"],
+            partition_id=score.get("partition_id"),
+            node_id=score.get("node_id"),
+            num_examples=score.get("num_examples"),
+        )
+        stored += repo.add_client_evaluation(
+            session,
+            run_id=entry["run_id"],
+            client_id=client.id,
+            round_number=entry["round_number"],
+            metrics={k: float(v) for k, v in score["metrics"].items()},
+        )
+    return stored
 
 
 def run_finish_entry(
@@ -196,6 +269,16 @@ _ENTRY_FIELDS: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
         "metrics": (True, (dict,)),
         "eval_seconds": (False, (int, float)),
     },
+    "client_evaluations": {
+        "run_id": _RUN_ID,
+        "round_number": (True, (int,)),
+        "scores": (True, (list,)),
+    },
+    "test_evaluation": {
+        "run_id": _RUN_ID,
+        "round_number": (True, (int,)),
+        "metrics": (True, (dict,)),
+    },
     "client_failure": {
         "run_id": _RUN_ID,
         "round_number": (True, (int,)),
@@ -248,13 +331,7 @@ def check_entry(entry: Any) -> None:
     spec = _ENTRY_FIELDS.get(kind) if isinstance(kind, str) else None
     if spec is None:
         raise BadEntry(f"kind {kind!r} is not one of: {', '.join(_ENTRY_FIELDS)}")
-    for name, (required, types) in spec.items():
-        value = entry.get(name)
-        if value is None:
-            if required:
-                raise BadEntry(f"{kind} entry has no {name!r} (or it is null)")
-            continue
-        _check_value(name, value, types)
+    _check_fields(f"{kind} entry", "", entry, spec)
     if not 1 <= entry["run_id"] <= MAX_ID:
         raise BadEntry(f"run_id {entry['run_id']} is not a run id (1 to {MAX_ID})")
     if kind == "metrics":
@@ -267,10 +344,11 @@ def check_entry(entry: Any) -> None:
                 raise BadEntry(
                     f"recorded_at {recorded!r} is not an ISO 8601 time"
                 ) from None
-    elif kind == "server_evaluation":
-        for key, value in entry["metrics"].items():
-            if value is not None:
-                _check_value(f"metrics.{key}", value, (int, float))
+    elif kind in ("server_evaluation", "test_evaluation"):
+        _check_metrics("metrics", entry["metrics"])
+    elif kind == "client_evaluations":
+        for i, score in enumerate(entry["scores"]):
+            _check_score(f"scores[{i}]", score)
     elif kind == "run_finish":
         for key, value in (entry.get("fields") or {}).items():
             types = _FINISH_FIELDS.get(key)
@@ -281,6 +359,43 @@ def check_entry(entry: Any) -> None:
                 )
             if value is not None:
                 _check_value(f"fields.{key}", value, types)
+
+
+def _check_metrics(name: str, metrics: dict[str, Any]) -> None:
+    for key, value in metrics.items():
+        if value is not None:
+            _check_value(f"{name}.{key}", value, (int, float))
+
+
+_SCORE_FIELDS: dict[str, tuple[bool, tuple[type, ...]]] = {
+    "client_identifier": (True, (str,)),
+    "metrics": (True, (dict,)),
+    "partition_id": (False, (int,)),
+    "node_id": (False, (str, int)),
+    "num_examples": (False, (int,)),
+}
+
+
+def _check_fields(
+    what: str,
+    prefix: str,
+    obj: dict[str, Any],
+    spec: Mapping[str, tuple[bool, tuple[type, ...]]],
+) -> None:
+    for key, (required, types) in spec.items():
+        value = obj.get(key)
+        if value is None:
+            if required:
+                raise BadEntry(f"{what} has no {key!r} (or it is null)")
+            continue
+        _check_value(f"{prefix}{key}", value, types)
+
+
+def _check_score(name: str, score: Any) -> None:
+    if not isinstance(score, dict):
+        raise BadEntry(f"{name} is {_json_type(score)}, not an object")
+    _check_fields(name, f"{name}.", score, _SCORE_FIELDS)
+    _check_metrics(f"{name}.metrics", score["metrics"])
 
 
 def _check_points(points: dict[str, Any]) -> None:

@@ -324,3 +324,31 @@ class ClientEvaluation(EvaluationScores, Base):
             f"ClientEvaluation(run_id={self.run_id}, client_id={self.client_id}, "
             f"round={self.round_number})"
         )
+
+
+class TestEvaluation(EvaluationScores, Base):
+    """The end-of-run score of a run's kept model on the test split, once per run.
+
+    Never used to select anything: the model is the best by val AUROC (its
+    round or epoch is ``round_number``) and the threshold is its val threshold.
+    """
+
+    __tablename__ = "test_evaluations"
+    __table_args__ = (
+        UniqueConstraint("run_id", name="uq_test_evaluations_run"),
+        *EvaluationScores.checks(),
+    )
+    # Not a test class, whatever pytest's collector thinks of the name.
+    __test__ = False
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    round_number: Mapped[int] = mapped_column(Integer)
+    dataset_type: Mapped[str] = mapped_column(String(16), default="test")
+    evaluation_time: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return (
+            f"TestEvaluation(run_id={self.run_id}, round={self.round_number}, "
+            f"auroc={self.auroc})"
+        )

@@ -28,6 +28,7 @@ from persistence.models import (
     RunMetric,
     RunStatus,
     ServerEvaluation,
+    TestEvaluation,
 )
 
 # No row id can be larger: SQLite integers (and PostgreSQL bigints) are
@@ -364,8 +365,30 @@ def add_client_evaluation(
     return result.first() is not None
 
 
+def add_test_evaluation(
+    session: Session,
+    *,
+    run_id: int,
+    round_number: int,
+    metrics: Mapping[str, float],
+) -> bool:
+    """Store a run's end-of-run test score; return False if it has one already."""
+    stmt: Insert = _insert(session, TestEvaluation).values(
+        run_id=run_id,
+        round_number=round_number,
+        dataset_type="test",
+        evaluation_time=utcnow(),
+        **_evaluation_values(metrics),
+    )
+    stmt = stmt.on_conflict_do_nothing(index_elements=["run_id"])
+    return session.execute(stmt.returning(TestEvaluation.id)).first() is not None
+
+
 def delete_rounds_after(session: Session, *, run_id: int, round_number: int) -> int:
-    """Delete a run's per-round rows after a round (the unfinished tail of a run)."""
+    """Delete a run's rows after a round (the unfinished tail of a run).
+
+    The end-of-run test score goes too: the resumed run scores its own.
+    """
     deleted = 0
     for model in (RunMetric, ServerEvaluation, ClientFailure, ClientEvaluation):
         result = session.execute(
@@ -374,7 +397,10 @@ def delete_rounds_after(session: Session, *, run_id: int, round_number: int) -> 
             )
         )
         deleted += result.rowcount or 0
-    return deleted
+    result = session.execute(
+        delete(TestEvaluation).where(TestEvaluation.run_id == run_id)
+    )
+    return deleted + (result.rowcount or 0)
 
 
 def count_metrics(session: Session, *, run_id: int) -> int:

@@ -162,6 +162,22 @@ class TrackingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Federated evaluation: each hospital scores the global model on its slice.
+
+    The slice is the held-out part of the hospital's data (data.client_val_fraction);
+    the decision threshold is the one the server chose on val that round.
+    """
+
+    # Off: only the server's val evaluation runs.
+    federated: bool = True
+    # Share of the hospitals asked each evaluated round (at least one).
+    fraction: float = bounded(1.0, gt=0, le=1)
+    # Evaluate every k-th round (and always the last one).
+    every: int = bounded(1, ge=1)
+
+
+@dataclass
 class AppConfig:
     """The whole, validated experiment configuration."""
 
@@ -178,6 +194,7 @@ class AppConfig:
     db: DbConfig = field(default_factory=DbConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 def register_schema() -> None:

@@ -20,6 +20,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
+from client_app.data import XrayData
 from client_app.messages import COUNTS_RECORD
 from client_app.trainer import pos_weight_from_counts, seed_everything
 from persistence.db import mask_url, upgrade_database
@@ -162,7 +163,7 @@ def run_session(grid: Grid, context: Context) -> None:
         cfg.num_rounds,
     )
     try:
-        _train(cfg, grid, recorder, run_dir, data.split("val"), num_nodes, state, url)
+        _train(cfg, grid, recorder, run_dir, data, num_nodes, state, url)
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
         recorder.close(RunStatus.FAILED, reason)
@@ -217,7 +218,7 @@ def _train(
     grid: Grid,
     recorder: RunRecorder,
     run_dir: Path,
-    val: Any,
+    data: XrayData,
     num_nodes: int,
     state: dict[str, Any],
     url: str | None,
@@ -234,20 +235,10 @@ def _train(
     if offset >= cfg.num_rounds:
         return  # every round ran before: nothing to train, the run completes
     strategy = make_strategy(cfg, num_nodes)
-    strategy.attach(
-        recorder,
-        ins.to_config(),
-        round_offset=offset,
-        min_success_fraction=cfg.strategy.min_success_fraction,
-        lr_schedule=str(cfg.train.lr_schedule),
-        num_rounds=cfg.num_rounds,
-    )
-    if state.get("strategy_state"):
-        strategy.restore(state["strategy_state"])
     evaluator = ServerEvaluator(
         cfg,
         model,
-        val,
+        data.split("val"),
         recorder,
         run_dir,
         model_meta(cfg),
@@ -255,13 +246,26 @@ def _train(
         best_auroc=float(state.get("best_auroc", -math.inf)),
     )
     evaluator.strategy = strategy
+    strategy.attach(
+        recorder,
+        ins.to_config(),
+        round_offset=offset,
+        min_success_fraction=cfg.strategy.min_success_fraction,
+        lr_schedule=str(cfg.train.lr_schedule),
+        num_rounds=cfg.num_rounds,
+        evaluator=evaluator,
+    )
+    if state.get("strategy_state"):
+        strategy.restore(state["strategy_state"])
     result = strategy.start(
         grid,
         ArrayRecord(model.state_dict()),
         num_rounds=cfg.num_rounds - offset,
         timeout=ROUND_TIMEOUT_S,
         train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
         evaluate_fn=evaluator,
     )
     final = evaluator.save_final(result.arrays)
     recorder.update(final_model_path=str(final))
+    evaluator.score_test(data.splits.get("test"))

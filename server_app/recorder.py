@@ -19,7 +19,14 @@ from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_expon
 from client_app.metric_keys import dataset_type_of
 from persistence import repositories as repo
 from persistence.db import get_engine, mask_url, session_scope
-from persistence.entries import EvaluationRecord, MetricBatch, run_finish_entry
+from persistence.entries import (
+    ClientEvaluationRound,
+    EvaluationRecord,
+    HospitalScore,
+    MetricBatch,
+    run_finish_entry,
+    score_on_test_entry,
+)
 from persistence.errors import FailedRunError
 from persistence.repositories import MetricPoint
 from persistence.spool import (
@@ -117,6 +124,19 @@ class RunRecorder:
                 eval_seconds=seconds,
             )
             self.writer.write(record.to_entry())
+
+    def record_client_evaluations(
+        self, round_number: int, scores: list[HospitalScore]
+    ) -> None:
+        """Store each hospital's score of a round's global model."""
+        if self.writer and scores:
+            entry = ClientEvaluationRound(self.run_id, round_number, scores)
+            self.writer.write(entry.to_entry())
+
+    def record_test(self, round_number: int, metrics: Mapping[str, float]) -> None:
+        """Store the end-of-run test score of the model kept from ``round_number``."""
+        if self.writer:
+            self.writer.write(score_on_test_entry(self.run_id, round_number, metrics))
 
     def record_client_rows(
         self,

@@ -3,7 +3,9 @@
 ``make_strategy`` subclasses the configured ``flwr.serverapp.strategy`` class
 with ``TrackingMixin``, which adds the run id and training settings to every
 round's config, records each client's reply and failure, continues round
-numbers after a resume, and fails the run when too few clients reply.
+numbers after a resume, and fails the run when too few clients reply. Its
+evaluate hooks have each sampled hospital score the round's global model with
+the server's val threshold, and record every hospital's score.
 """
 
 from __future__ import annotations
@@ -16,10 +18,18 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client_app.messages import INFO_RECORD, RELAY_RECORD, decode_relay_rows
+from client_app.messages import (
+    EVAL_THRESHOLD,
+    INFO_RECORD,
+    NUM_EXAMPLES,
+    RELAY_RECORD,
+    decode_relay_rows,
+)
 from client_app.trainer import lr_at
+from persistence.entries import HospitalScore
 from persistence.errors import FailedRunError
 from server_app.config import AppConfig, strategy_class
+from server_app.evaluate import ServerEvaluator
 from server_app.recorder import RunRecorder, concise_reason
 
 log = logging.getLogger(__name__)
@@ -68,6 +78,11 @@ class TrackingMixin:
     min_success_fraction: float
     client_of_node: dict[int, str]
     sampled: int
+    evaluator: ServerEvaluator | None
+    # Hospitals evaluate every k-th round (set by make_strategy).
+    evaluate_every: int = 1
+    # Flower's own attribute (FedAvg): 0 turns federated evaluation off.
+    fraction_evaluate: float
 
     def attach(
         self,
@@ -78,9 +93,16 @@ class TrackingMixin:
         min_success_fraction: float = 0.5,
         lr_schedule: str = "constant",
         num_rounds: int = 1,
+        evaluator: ServerEvaluator | None = None,
     ) -> None:
-        """Connect the strategy to this run's recorder and settings."""
+        """Connect the strategy to this run's recorder, settings and evaluator.
+
+        ``evaluator`` scores the global model on val before the hospitals do,
+        so they receive that round's threshold; without it, or with
+        ``fraction_evaluate`` 0, hospitals do not evaluate.
+        """
         self.recorder = recorder
+        self.evaluator = evaluator
         self.train_settings = train_settings
         self.lr_schedule = lr_schedule
         self.num_rounds = num_rounds
@@ -166,21 +188,67 @@ class TrackingMixin:
                 num_examples=int(info["num-examples"]),
             )
 
+    def evaluates(self, round_number: int) -> bool:
+        """Whether hospitals score the global model after this round."""
+        if self.evaluator is None or not self.fraction_evaluate:
+            return False
+        last = round_number == self.num_rounds
+        return last or round_number % self.evaluate_every == 0
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Continue round numbers after a resume."""
+        """Send the global model, the client settings and the server's threshold.
+
+        The server scores the round's model on val first (``evaluate_fn``
+        reuses that score), so every hospital cuts at the same threshold.
+        """
+        round_number = server_round + self.round_offset
+        if not self.evaluates(round_number):
+            return []
+        assert self.evaluator is not None
+        metrics = self.evaluator.score(server_round, arrays)
+        for key, value in self.train_settings.items():
+            config[key] = value
+        config[EVAL_THRESHOLD] = float(metrics["threshold"])
         return super().configure_evaluate(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, grid
+            round_number, arrays, config, grid
         )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Continue round numbers after a resume."""
-        return super().aggregate_evaluate(  # type: ignore[misc]
-            server_round + self.round_offset, replies
-        )
+        """Record each hospital's score (or failure), then aggregate as Flower does."""
+        round_number = server_round + self.round_offset
+        replies = list(replies)
+        scores = []
+        for message in replies:
+            node = message.metadata.src_node_id
+            if message.has_error():
+                self.recorder.record_failure(
+                    round_number,
+                    node,
+                    "evaluation: " + concise_reason(message.error.reason),
+                    self.client_of_node.get(node),
+                )
+                continue
+            info = message.content.config_records[INFO_RECORD]
+            identifier = str(info["client-identifier"])
+            self.client_of_node[node] = identifier
+            metrics = next(iter(message.content.metric_records.values()))
+            scores.append(
+                HospitalScore(
+                    client_identifier=identifier,
+                    metrics={
+                        k: float(v) for k, v in metrics.items() if k != NUM_EXAMPLES
+                    },
+                    partition_id=int(info["partition-id"]),
+                    node_id=str(node),
+                    num_examples=int(info["num-examples"]),
+                )
+            )
+        self.recorder.record_client_evaluations(round_number, scores)
+        return super().aggregate_evaluate(round_number, replies)  # type: ignore[misc]
 
     def state(self) -> dict[str, Any]:
         """Return the strategy's cross-round state (picklable)."""
@@ -201,13 +269,19 @@ def make_strategy(cfg: AppConfig, num_nodes: int) -> Any:
     base = strategy_class(cfg.strategy.name)
     tracked = type(f"Tracked{base.__name__}", (TrackingMixin, base), {})
     sampled = max(1, math.ceil(cfg.strategy.fraction_train * num_nodes))
-    return tracked(
+    evaluation = cfg.evaluation
+    fraction_evaluate = evaluation.fraction if evaluation.federated else 0.0
+    strategy = tracked(
         fraction_train=cfg.strategy.fraction_train,
-        # Evaluation happens on the server's validation split every round.
-        fraction_evaluate=0.0,
+        # Hospitals score each round's model on their held-out slices; the
+        # server scores it on val (evaluate_fn) whatever this says.
+        fraction_evaluate=fraction_evaluate,
         min_train_nodes=sampled,
-        min_evaluate_nodes=0,
+        min_evaluate_nodes=math.ceil(fraction_evaluate * num_nodes),
         min_available_nodes=num_nodes,
         train_metrics_aggr_fn=nan_weighted_mean,
+        evaluate_metrics_aggr_fn=nan_weighted_mean,
         **cfg.strategy.params,
     )
+    strategy.evaluate_every = evaluation.every
+    return strategy

@@ -91,6 +91,24 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_npz(data, tmp_path_factory.mktemp("data") / "pneumoniamnist.npz")
 
 
+@pytest.fixture(scope="session")
+def data_with_test(tmp_path_factory: pytest.TempPathFactory, data_file: Path) -> Path:
+    """``data_file`` with a test split: 300 training images moved to ``test``.
+
+    Only the mechanics are under test (a split called test is scored once at
+    the end and stored apart); the shared file's own test split is withheld.
+    """
+    with np.load(data_file) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    held = 300
+    for kind in ("images", "labels"):
+        arrays[f"test_{kind}"] = arrays[f"train_{kind}"][-held:]
+        arrays[f"train_{kind}"] = arrays[f"train_{kind}"][:-held]
+    path = tmp_path_factory.mktemp("data-with-test") / "with_test.npz"
+    np.savez(path, **arrays)
+    return path
+
+
 def save_npz(data: object, path: Path) -> Path:
     """Save an ``XrayData`` in MedMNIST's ``<split>_images/labels`` layout."""
     np.savez(

@@ -337,6 +337,28 @@ MALFORMED = {
     "evaluation-metrics-list": json.dumps(
         {"kind": "server_evaluation", "run_id": 1, "round_number": 1, "metrics": []}
     ),
+    "hospitals-not-a-list": json.dumps(
+        {"kind": "client_evaluations", "run_id": 1, "round_number": 1, "scores": {}}
+    ),
+    "hospital-without-name": json.dumps(
+        {
+            "kind": "client_evaluations",
+            "run_id": 1,
+            "round_number": 1,
+            "scores": [{"metrics": {"auroc": 0.5}}],
+        }
+    ),
+    "hospital-auroc-text": json.dumps(
+        {
+            "kind": "client_evaluations",
+            "run_id": 1,
+            "round_number": 1,
+            "scores": [{"client_identifier": "client-0", "metrics": {"auroc": "hi"}}],
+        }
+    ),
+    "test-without-round": json.dumps(
+        {"kind": "test_evaluation", "run_id": 1, "metrics": {"auroc": 0.5}}
+    ),
     "finish-unknown-field": json.dumps(
         {"kind": "run_finish", "run_id": 1, "status": "completed", "fields": {"foo": 1}}
     ),

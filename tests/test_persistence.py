@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,12 +24,21 @@ from persistence.db import (
     table_names,
     upgrade_database,
 )
+from persistence.entries import (
+    ClientEvaluationRound,
+    HospitalScore,
+    apply_entry,
+    check_entry,
+    score_on_test_entry,
+)
 from persistence.models import (
     Base,
+    Client,
     ClientEvaluation,
     Run,
     RunMetric,
     ServerEvaluation,
+    TestEvaluation,
     utcnow,
 )
 from persistence.repositories import MetricPoint
@@ -346,3 +356,48 @@ def test_client_evaluations_are_written_once_and_follow_their_run(
         repo.add_client_evaluation(  # no such run or client
             s, run_id=run_id, client_id=999, round_number=1, metrics=one_class
         )
+
+
+def test_evaluation_entries_replay_once_and_a_resume_drops_the_test_score(
+    engine: Engine,
+) -> None:
+    run_id = _new_run(engine, mode="federated")
+    hospitals = ClientEvaluationRound(
+        run_id,
+        2,
+        [
+            HospitalScore("client-0", {"auroc": 0.8, "accuracy": 0.7}, 0, "11", 90),
+            HospitalScore(
+                "client-1", {"auroc": math.nan, "accuracy": 1.0}, 1, "12", 40
+            ),
+        ],
+    ).to_entry()
+    test = score_on_test_entry(run_id, 2, {"auroc": 0.9, "threshold": 0.4})
+    for entry in (hospitals, test):
+        check_entry(json.loads(json.dumps(entry)))  # what sync reads back
+    with session_scope(engine) as s:
+        assert apply_entry(s, hospitals) == 2
+        assert apply_entry(s, test) == 1
+    with session_scope(engine) as s:  # a replay stores nothing new
+        assert apply_entry(s, hospitals) == 0
+        assert apply_entry(s, test) == 0
+    with session_scope(engine) as s:
+        rows = s.execute(
+            select(
+                Client.client_identifier, Client.num_examples, ClientEvaluation.auroc
+            )
+            .join(Client, ClientEvaluation.client_id == Client.id)
+            .order_by(Client.client_identifier)
+        ).all()
+        assert [tuple(r) for r in rows] == [
+            ("client-0", 90, 0.8),
+            ("client-1", 40, None),
+        ]
+        stored = s.scalars(select(TestEvaluation)).one()
+        assert (stored.round_number, stored.auroc, stored.threshold) == (2, 0.9, 0.4)
+        # A resume from round 2 keeps round 2's hospitals, but the resumed
+        # run scores test again at its own end.
+        repo.delete_rounds_after(s, run_id=run_id, round_number=2)
+    with session_scope(engine) as s:
+        assert len(s.scalars(select(ClientEvaluation)).all()) == 2
+        assert s.scalars(select(TestEvaluation)).all() == []

@@ -19,10 +19,20 @@ from flwr.clientapp import ClientApp
 from sqlalchemy import func, select
 
 from client_app.app import app as client_app
-from client_app.app import label_counts, train
+from client_app.app import evaluate_global, label_counts, train
+from client_app.data import load_data
 from client_app.partition import PartitionSpec, client_split
+from client_app.trainer import evaluate, restore_model
 from persistence.db import dispose_engines, get_engine, session_scope
-from persistence.models import Client, ClientFailure, Run, RunMetric, ServerEvaluation
+from persistence.models import (
+    Client,
+    ClientEvaluation,
+    ClientFailure,
+    Run,
+    RunMetric,
+    ServerEvaluation,
+    TestEvaluation,
+)
 from server_app.choices import StrategyName
 from server_app.compose import load_config, resolve_paths
 from server_app.factories import instructions
@@ -75,20 +85,86 @@ def test_every_strategy_completes_a_session(
         ).all()
         assert sorted(rounds) == [0, 1, 2]
         assert Path(run.final_model_path).is_file()
+        assert hospital_rounds(s, run.id) == {
+            (f"client-{p}", r) for p in range(NUM_NODES) for r in (1, 2)
+        }
+        # No test split in the data: no test score is claimed.
+        assert s.scalars(select(TestEvaluation)).all() == []
+    dispose_engines()
+
+
+def hospital_rounds(s: Any, run_id: int) -> set[tuple[str, int]]:
+    """Return the (hospital, round) pairs of a run's client_evaluations rows."""
+    rows = s.execute(
+        select(Client.client_identifier, ClientEvaluation.round_number)
+        .join(Client, ClientEvaluation.client_id == Client.id)
+        .where(ClientEvaluation.run_id == run_id)
+    ).all()
+    assert len(rows) == len(set(rows)), "duplicate hospital rows"
+    return {tuple(r) for r in rows}
+
+
+def test_hospitals_score_with_the_servers_val_threshold_of_the_round(
+    tmp_path: Path, data_file: Path
+) -> None:
+    url = session(tmp_path, data_file, "num_rounds=3", "evaluation.every=2")
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        # Every 2nd round and the last one.
+        assert {r for _, r in hospital_rounds(s, run.id)} == {2, 3}
+        thresholds = dict(
+            s.execute(
+                select(ServerEvaluation.round_number, ServerEvaluation.threshold)
+            ).all()
+        )
+        for ev in s.scalars(select(ClientEvaluation)):
+            assert ev.threshold == thresholds[ev.round_number]
+            total = ev.true_positives + ev.true_negatives
+            total += ev.false_positives + ev.false_negatives
+            assert total == ev.num_samples > 0
+    dispose_engines()
+
+
+def test_a_session_on_data_with_a_test_split_scores_the_kept_model_once(
+    tmp_path: Path, data_with_test: Path
+) -> None:
+    url = session(tmp_path, data_with_test, "evaluation.federated=false")
+    with session_scope(get_engine(url)) as s:
+        run = s.scalars(select(Run)).one()
+        assert s.scalars(select(ClientEvaluation)).all() == []
+        test = s.scalars(select(TestEvaluation)).one()
+        best = s.scalars(
+            select(ServerEvaluation).order_by(ServerEvaluation.auroc.desc())
+        ).first()
+        assert best is not None
+        assert (test.run_id, test.round_number) == (run.id, best.round_number)
+        assert test.threshold == best.threshold  # val's, never chosen on test
+        model, state = restore_model(Path(run.checkpoint_path))
+    # The same 200 test images the session loaded (data.limit, seed 42).
+    test_split = load_data(str(data_with_test), limit=200, seed=42).split("test")
+    expected = evaluate(model, test_split, threshold=float(state["threshold"]))
+    assert test.num_samples == 200
+    assert test.auroc == pytest.approx(expected["auroc"])
+    assert test.accuracy == pytest.approx(expected["accuracy"])
     dispose_engines()
 
 
 def failing_client(partition_id: int, server_round: int) -> ClientApp:
-    """Our ClientApp, except that one client raises in one round."""
+    """Our ClientApp, except that one client raises in one round's training."""
 
     def fail(msg: Message, context: Context, call_next: Any) -> Message:
-        here = (int(context.node_config["partition-id"]), msg.content["config"])
-        if here[0] == partition_id and here[1]["server-round"] == server_round:
+        here = (
+            int(context.node_config["partition-id"]),
+            msg.content["config"]["server-round"],
+        )
+        training = msg.metadata.message_type == "train"
+        if training and here == (partition_id, server_round):
             raise RuntimeError(f"injected fault in round {server_round}")
         return call_next(msg, context)
 
     app = ClientApp(mods=[fail])
     app.train()(train)
+    app.evaluate()(evaluate_global)
     app.query()(label_counts)
     return app
 
@@ -166,7 +242,10 @@ def session_url(tmp_path: Path) -> str:
 
 
 def client_rows(url: str) -> tuple[dict[tuple[Any, ...], Any], int, set[Any]]:
-    """A run's per-client metric values by key, its row count, its clients."""
+    """A run's per-client values by key, its metric row count, its clients.
+
+    The values are its metric rows and its hospitals' scores of the global model.
+    """
     with session_scope(get_engine(url)) as s:
         run = s.scalars(select(Run)).one()
         assert run.status == "completed"
@@ -186,8 +265,20 @@ def client_rows(url: str) -> tuple[dict[tuple[Any, ...], Any], int, set[Any]]:
             (c.client_identifier, c.partition_id, c.num_examples)
             for c in s.scalars(select(Client))
         }
+        scores = s.execute(
+            select(
+                Client.client_identifier,
+                ClientEvaluation.round_number,
+                ClientEvaluation.auroc,
+                ClientEvaluation.accuracy,
+            ).join(Client, ClientEvaluation.client_id == Client.id)
+        ).all()
     values = {tuple(r[:5]): (r[5], r[6]) for r in rows}
     assert len(values) == len(rows), "duplicate per-client metric rows"
+    assert len(scores) == NUM_NODES * 2, scores  # every hospital, every round
+    for name, rnd, auroc, accuracy in scores:
+        values[name, rnd, "hospital_auroc", 0, "eval"] = (auroc, auroc is None)
+        values[name, rnd, "hospital_accuracy", 0, "eval"] = (accuracy, False)
     return values, int(total or 0), clients
 
 

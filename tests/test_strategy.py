@@ -42,6 +42,7 @@ from flwr.superlink.grid import InMemoryGrid
 from sqlalchemy import select
 
 from client_app.messages import (
+    EVAL_THRESHOLD,
     INFO_RECORD,
     RELAY_RECORD,
     REPLY_METRICS,
@@ -50,15 +51,17 @@ from client_app.messages import (
     reply_metrics,
 )
 from client_app.model import build_model
+from client_app.splits import make_synthetic
 from client_app.trainer import lr_at
 from persistence.db import get_engine, session_scope
 from persistence.errors import FailedRunError
-from persistence.models import Client, ClientFailure, RunMetric
+from persistence.models import Client, ClientEvaluation, ClientFailure, RunMetric
 from persistence.repositories import MetricPoint
 from server_app.choices import StrategyName
 from server_app.compose import load_config
 from server_app.config import AppConfig, strategy_class
-from server_app.factories import instructions
+from server_app.evaluate import ServerEvaluator
+from server_app.factories import instructions, model_meta
 from server_app.recorder import RunRecorder
 from server_app.round_state import ROUND_STATE, load_round_state, save_round_state
 from server_app.strategy import (
@@ -266,9 +269,10 @@ def test_make_strategy_subclasses_flowers_class(name: str) -> None:
     for key, value in cfg.strategy.params.items():
         assert getattr(strategy, key) == value
     assert (strategy.min_train_nodes, strategy.min_available_nodes) == (3, 3)
-    # Evaluation happens on the server, never on the clients.
-    assert (strategy.fraction_evaluate, strategy.min_evaluate_nodes) == (0.0, 0)
+    # Every hospital scores every round's model by default.
+    assert (strategy.fraction_evaluate, strategy.min_evaluate_nodes) == (1.0, 3)
     assert strategy.train_metrics_aggr_fn is nan_weighted_mean
+    assert strategy.evaluate_metrics_aggr_fn is nan_weighted_mean
 
 
 @pytest.mark.parametrize("name", sorted(StrategyName))
@@ -361,19 +365,148 @@ def test_a_fraction_of_the_nodes_is_sampled(
     assert {m.metadata.dst_node_id for m in messages} <= set(federation.node_ids)
 
 
-def test_no_client_side_evaluation_is_configured(
-    recorder: RunRecorder, federation: Federation
-) -> None:
-    strategy, _ = tracked("fedavg", recorder)
-    assert (
-        list(
-            strategy.configure_evaluate(
-                1, model_arrays(0), ConfigRecord(), federation.grid
-            )
-        )
-        == []
+@pytest.fixture
+def evaluator(recorder: RunRecorder) -> ServerEvaluator:
+    """The server's val evaluator, on a small generated val split."""
+    cfg = load_config([f"model.width={WIDTH}"])
+    val = make_synthetic(n_train=10, n_val=60, seed=1).split("val")
+    return ServerEvaluator(
+        cfg,
+        build_model("cnn", width=WIDTH),
+        val,
+        recorder,
+        recorder.run_dir,
+        model_meta(cfg),
+        round_offset=OFFSET,
     )
+
+
+def configure_evaluate(
+    strategy: Any, server_round: int, federation: Federation
+) -> list[Message]:
+    return list(
+        strategy.configure_evaluate(
+            server_round, model_arrays(server_round), ConfigRecord(), federation.grid
+        )
+    )
+
+
+def test_configure_evaluate_sends_the_servers_threshold_to_every_hospital(
+    recorder: RunRecorder, federation: Federation, evaluator: ServerEvaluator
+) -> None:
+    strategy, _ = tracked("fedavg", recorder, evaluator=evaluator)
+    messages = configure_evaluate(strategy, 1, federation)
+    assert sorted(m.metadata.dst_node_id for m in messages) == sorted(
+        federation.node_ids
+    )
+    # The server's own val score of the same model, chosen before Flower's
+    # evaluate_fn runs; that call reuses it instead of scoring twice.
+    server = evaluator.score(1, model_arrays(1))
+    for message in messages:
+        assert message.metadata.message_type == MessageType.EVALUATE
+        config = message.content["config"]
+        assert config[EVAL_THRESHOLD] == server["threshold"]
+        ins = TrainInstructions.from_config(config)
+        assert (ins.run_id, ins.server_round) == (recorder.run_id, 1 + OFFSET)
+        assert same_arrays(message.content["arrays"], model_arrays(1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "evaluated"),
+    [
+        (["evaluation.federated=false"], []),
+        # Every 2nd round of the run (continued numbers), and the last one.
+        (["evaluation.every=2", "num_rounds=6"], [2, 4]),
+        (["evaluation.every=4", "num_rounds=5"], [2, 3]),
+    ],
+)
+def test_evaluation_keys_thin_or_turn_off_the_hospitals_evaluation(
+    overrides: list[str],
+    evaluated: list[int],
+    recorder: RunRecorder,
+    federation: Federation,
+    evaluator: ServerEvaluator,
+) -> None:
+    strategy, _ = tracked("fedavg", recorder, *overrides, evaluator=evaluator)
+    asked = [r for r in (1, 2, 3, 4) if configure_evaluate(strategy, r, federation)]
+    assert asked == evaluated
     assert strategy.aggregate_evaluate(1, []) is None
+
+
+def test_a_fraction_of_the_hospitals_evaluates(
+    recorder: RunRecorder, federation: Federation, evaluator: ServerEvaluator
+) -> None:
+    strategy, _ = tracked(
+        "fedavg", recorder, "evaluation.fraction=0.5", evaluator=evaluator
+    )
+    assert strategy.min_evaluate_nodes == 2  # ceil(0.5 * 3)
+    assert len(configure_evaluate(strategy, 1, federation)) == 2
+
+
+def evaluate_reply(ins: Message, partition_id: int, auroc: float) -> Message:
+    """An evaluate reply exactly as client_app.app.evaluate_global builds it."""
+    metrics = {
+        "loss": 0.4,
+        "accuracy": 0.8,
+        "precision": 0.75,
+        "recall": 0.9,
+        "f1_score": 0.82,
+        "auroc": auroc,
+        "true_positives": 9.0,
+        "true_negatives": 7.0,
+        "false_positives": 3.0,
+        "false_negatives": 1.0,
+        "num_samples": 20.0,
+        "threshold": 0.4,
+    }
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({**metrics, "num-examples": 20}),
+            INFO_RECORD: ConfigRecord(
+                {
+                    "client-identifier": f"client-{partition_id}",
+                    "partition-id": partition_id,
+                    "num-examples": 180,
+                }
+            ),
+        }
+    )
+    return Message(content=content, reply_to=ins)
+
+
+def test_every_hospitals_score_is_stored_and_one_class_has_no_auroc(
+    recorder: RunRecorder, federation: Federation, evaluator: ServerEvaluator
+) -> None:
+    strategy, _ = tracked("fedavg", recorder, evaluator=evaluator)
+    messages = configure_evaluate(strategy, 1, federation)
+    messages.sort(key=lambda m: partition_of(federation, m))
+    replies = [
+        evaluate_reply(messages[0], 0, 0.9),
+        evaluate_reply(messages[1], 1, math.nan),  # a one-class slice
+        error_reply(messages[2], RAY_REASON),
+    ]
+    aggregated = strategy.aggregate_evaluate(1, replies)
+    assert aggregated is not None
+    assert aggregated["auroc"] == pytest.approx(0.9)  # NaN left out, not 0
+    assert recorder.replay_all(timeout_s=5) == 0
+    with session_scope(get_engine(recorder.url or "")) as db:
+        rows = db.execute(
+            select(Client.client_identifier, Client.num_examples, ClientEvaluation)
+            .join(Client, ClientEvaluation.client_id == Client.id)
+            .order_by(Client.client_identifier)
+        ).all()
+        assert [(r[0], r[1]) for r in rows] == [("client-0", 180), ("client-1", 180)]
+        first, second = (r[2] for r in rows)
+        assert {first.round_number, second.round_number} == {1 + OFFSET}
+        assert (first.auroc, second.auroc) == (0.9, None)
+        assert (first.num_samples, first.threshold, first.true_positives) == (
+            20,
+            0.4,
+            9,
+        )
+        failure = db.scalars(select(ClientFailure)).one()
+        assert failure.round_number == 1 + OFFSET
+        assert failure.reason.startswith("evaluation: DataError")
 
 
 # aggregate_train -------------------------------------------------------------

@@ -1,7 +1,8 @@
 """fedpneumo's ServerApp and ClientApp, with faults injected for tests.
 
 ``fault_spec.json`` beside this file says where: ``{"clients": [[partition,
-round], ...]}`` makes those clients raise in those rounds (a Flower mod), and
+round], ...]}`` makes those clients' training raise in those rounds (a Flower
+mod), and
 ``{"server_round": N}`` makes the ServerApp raise when it sends round N.
 The production handlers run unchanged inside these wrappers.
 """
@@ -17,7 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from client_app.app import label_counts, train
+from client_app.app import evaluate_global, label_counts, train
 from server_app.federation import run_session
 
 SPEC_FILE = Path(__file__).with_name("fault_spec.json")
@@ -27,10 +28,11 @@ SPEC: dict[str, Any] = json.loads(SPEC_FILE.read_text())
 def failing_clients(
     msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
 ) -> Message:
-    """Raise in the clients and rounds the spec names; else run the handler."""
+    """Raise in the training the spec names; else run the handler."""
     server_round = int(msg.content["config"]["server-round"])
     partition_id = int(context.node_config["partition-id"])
-    if [partition_id, server_round] in SPEC.get("clients", []):
+    training = msg.metadata.message_type == "train"
+    if training and [partition_id, server_round] in SPEC.get("clients", []):
         raise RuntimeError(
             f"injected fault: client {partition_id} fails round {server_round}"
         )
@@ -39,6 +41,7 @@ def failing_clients(
 
 client = ClientApp(mods=[failing_clients])
 client.train()(train)
+client.evaluate()(evaluate_global)
 client.query()(label_counts)
 server = ServerApp()
 
