@@ -116,7 +116,7 @@ def federated(
     from sqlalchemy import select
 
     from persistence.db import get_engine, session_scope
-    from persistence.models import ServerEvaluation
+    from persistence.models import Client, ClientEvaluation, ServerEvaluation
 
     overrides, sizes = feasible_partition([*base, *extra])
     reused = reusable_run(overrides, "federated") if reuse else None
@@ -131,6 +131,18 @@ def federated(
             select(ServerEvaluation).where(ServerEvaluation.run_id == run.id)
         ).all()
         best = max(evals, key=lambda e: -math.inf if e.auroc is None else e.auroc)
+        # Each hospital's AUROC of the best round's model on its held-out
+        # slice; a one-class slice has none and is counted apart.
+        hospitals = db.execute(
+            select(Client.client_identifier, ClientEvaluation.auroc)
+            .join(Client, ClientEvaluation.client_id == Client.id)
+            .where(
+                ClientEvaluation.run_id == run.id,
+                ClientEvaluation.round_number == best.round_number,
+            )
+        ).all()
+        scored = [(a, name) for name, a in hospitals if a is not None]
+        worst = min(scored, default=(None, None))
         row = {
             "run_id": run.id,
             "overrides": [*extra, *overrides[len(base) + len(extra) :]],
@@ -138,6 +150,9 @@ def federated(
             "best_round": best.round_number,
             "val_auroc": best.auroc,
             "val_accuracy": best.accuracy,
+            "worst_hospital_val_auroc": worst[0],
+            "worst_hospital": worst[1],
+            "hospitals_without_auroc": len(hospitals) - len(scored),
             "checkpoint": run.checkpoint_path,
         }
     if has_test_split(data):

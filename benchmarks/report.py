@@ -64,14 +64,24 @@ def figures_table(figures: dict[str, Any], prefix: str = "") -> list[str]:
     return rows
 
 
+def worst_cell(row: dict[str, Any]) -> str:
+    """The worst hospital's val AUROC at the best round, and who it is."""
+    if "worst_hospital_val_auroc" not in row:
+        return "-"  # centralized: there are no hospitals
+    cell = f"{num(row['worst_hospital_val_auroc'])} ({row['worst_hospital']})"
+    if row.get("hospitals_without_auroc"):
+        cell += f"; {row['hospitals_without_auroc']} one-class slices"
+    return cell
+
+
 def quality_table(table: dict[str, dict[str, Any]]) -> list[str]:
     """The quality matrix as a Markdown table."""
     has_test = any("test_auroc" in row for row in table.values())
     head = (
         "| configuration | overrides on the preset | client train images "
-        "| run | best round | val AUROC | val accuracy |"
+        "| run | best round | val AUROC | val accuracy | worst hospital val AUROC |"
     )
-    sep = "|---|---|---|---|---|---|---|"
+    sep = "|---|---|---|---|---|---|---|---|"
     if has_test:
         head += " test AUROC | test accuracy |"
         sep += "---|---|"
@@ -83,7 +93,8 @@ def quality_table(table: dict[str, dict[str, Any]]) -> list[str]:
         line = (
             f"| {name} | {overrides} | {sizes} | {row['run_id']} | "
             f"{row['best_round']} | "
-            f"{num(row['val_auroc'])} | {num(row['val_accuracy'])} |"
+            f"{num(row['val_auroc'])} | {num(row['val_accuracy'])} | "
+            f"{worst_cell(row)} |"
         )
         if has_test:
             line += f" {num(row.get('test_auroc'))} | {num(row.get('test_accuracy'))} |"

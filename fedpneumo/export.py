@@ -16,10 +16,12 @@ from persistence.errors import RunNotFoundError
 from persistence.models import (
     Base,
     Client,
+    ClientEvaluation,
     ClientFailure,
     Run,
     RunMetric,
     ServerEvaluation,
+    TestEvaluation,
 )
 
 # Table name -> model, in the order an export lists them.
@@ -29,6 +31,8 @@ EXPORT_TABLES: dict[str, type[Base]] = {
     "server_evaluations": ServerEvaluation,
     "run_metrics": RunMetric,
     "client_failures": ClientFailure,
+    "client_evaluations": ClientEvaluation,
+    "test_evaluations": TestEvaluation,
 }
 
 
@@ -83,6 +87,8 @@ def json_text(tables: dict[str, list[dict[str, Any]]]) -> str:
         "server_evaluations": tables["server_evaluations"],
         "metrics": tables["run_metrics"],
         "client_failures": tables["client_failures"],
+        "client_evaluations": tables["client_evaluations"],
+        "test_evaluations": tables["test_evaluations"],
     }
     return json.dumps(document, indent=2) + "\n"
 

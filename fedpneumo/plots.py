@@ -23,8 +23,8 @@ from fedpneumo.output_files import check_output_folder, write_atomically
 from fedpneumo.reports import MISSING, ClientReport, RunReport, config_differences
 from persistence.errors import InputError
 
-# Fixed size and resolution: the PNG is always 1200 x 800 pixels.
-FIGSIZE_IN = (12.0, 8.0)
+# Fixed size and resolution: the PNG is always 1200 x 1100 pixels.
+FIGSIZE_IN = (12.0, 11.0)
 DPI = 100
 # (curve field, panel title, y label, bounds of the metric or None)
 SERVER_PANELS = (
@@ -34,6 +34,10 @@ SERVER_PANELS = (
 )
 CLIENT_PANEL_TITLE = "Train loss: thin = one client, dashed = centralized"
 CLIENT_PANEL_YLABEL = "train BCE loss (last local epoch)"
+HOSPITAL_PANEL_TITLE = (
+    "Each hospital's AUROC of the global model (held-out slice; "
+    "gap = one-class slice, no AUROC)"
+)
 # Config keys left out of the legend: bookkeeping that does not change the
 # model, or facts the label already states (strategy, partition, synthetic).
 LEGEND_SKIPPED_KEYS = (
@@ -145,15 +149,46 @@ def _draw_client_panel(
     ax.set_ylabel(CLIENT_PANEL_YLABEL)
 
 
+def _draw_hospital_panel(ax: Axes, runs: Sequence[RunReport]) -> None:
+    for i, run in enumerate(runs):
+        by_hospital: dict[str, dict[int, float]] = {}
+        for step, scores in sorted(run.hospitals.items()):
+            for score in scores:
+                by_hospital.setdefault(score.identifier, {})[step] = _nan(score.auroc)
+        for values in by_hospital.values():
+            ax.plot(
+                list(values),
+                list(values.values()),
+                color=f"C{i % 10}",
+                linewidth=0.9,
+                alpha=0.6,
+                marker=".",
+            )
+    if not any(run.hospitals for run in runs):
+        ax.text(
+            0.5,
+            0.5,
+            "no per-hospital evaluation recorded",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+    ax.set_title(HOSPITAL_PANEL_TITLE, fontsize="medium")
+    ax.set_ylabel("hospital AUROC")
+
+
 def make_figure(
     runs: Sequence[RunReport], clients: Mapping[int, Sequence[ClientReport]]
 ) -> Figure:
-    """Draw val AUROC, accuracy, loss and client train loss of runs on shared axes."""
+    """Draw val AUROC, accuracy, loss, client train loss and hospital AUROC of runs."""
     fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2, sharex=True).ravel()
+    axes = fig.subplots(3, 2, sharex=True).ravel()
     _draw_server_panels(axes[:3], runs)
     _draw_client_panel(axes[3], runs, clients)
+    _draw_hospital_panel(axes[4], runs)
+    axes[5].set_visible(False)
+    axes = axes[:5]
     for ax in axes:
         ax.tick_params(labelbottom=True)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -214,7 +249,7 @@ def plot_runs(
     clients: Mapping[int, Sequence[ClientReport]],
     path: Path,
 ) -> None:
-    """Write the learning curves of runs to an image file (PNG: 1200x800 px).
+    """Write the learning curves of runs to an image file (PNG: 1200x1100 px).
 
     The format follows the extension (``plot_formats``); a file that cannot
     be written raises InputError and leaves no partial file.

@@ -10,7 +10,7 @@ import math
 import socket
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -23,12 +23,14 @@ from fedpneumo.flower import process_alive
 from persistence.errors import RunNotFoundError
 from persistence.models import (
     Client,
+    ClientEvaluation,
     ClientFailure,
     Experiment,
     Run,
     RunMetric,
     RunStatus,
     ServerEvaluation,
+    TestEvaluation,
 )
 
 DEFAULT_STALE_AFTER_S = 900.0
@@ -73,6 +75,74 @@ class CurvePoint:
 
 
 @dataclass(frozen=True)
+class HospitalScore:
+    """One hospital's score of a round's global model on its held-out slice.
+
+    ``auroc`` is None when the slice holds one class (AUROC is undefined);
+    ``specificity`` is None when it holds no negatives.
+    """
+
+    identifier: str
+    partition_id: int | None
+    round_number: int
+    num_samples: int | None
+    auroc: float | None
+    accuracy: float | None
+    f1_score: float | None
+    sensitivity: float | None
+    specificity: float | None
+
+
+@dataclass(frozen=True)
+class HospitalSpread:
+    """The worst and best hospital of a round by AUROC, and who has none."""
+
+    round_number: int
+    worst: HospitalScore | None
+    best: HospitalScore | None
+    without_auroc: list[str]
+    hospitals: int
+
+    @property
+    def spread(self) -> float | None:
+        """Return best minus worst AUROC (None when no hospital has one)."""
+        if self.worst is None or self.best is None:
+            return None
+        assert self.worst.auroc is not None and self.best.auroc is not None
+        return self.best.auroc - self.worst.auroc
+
+
+def hospital_spread(
+    round_number: int, scores: Sequence[HospitalScore]
+) -> HospitalSpread:
+    """Return the worst and best hospital of one round by AUROC."""
+    scored = [s for s in scores if s.auroc is not None]
+    return HospitalSpread(
+        round_number=round_number,
+        worst=min(scored, key=lambda s: s.auroc or 0.0, default=None),
+        best=max(scored, key=lambda s: s.auroc or 0.0, default=None),
+        without_auroc=[s.identifier for s in scores if s.auroc is None],
+        hospitals=len(scores),
+    )
+
+
+@dataclass(frozen=True)
+class TestScore:
+    """A run's end-of-run score on the test split (never used for selection)."""
+
+    __test__ = False  # not a test class
+
+    round_number: int
+    num_samples: int | None
+    auroc: float | None
+    accuracy: float | None
+    f1_score: float | None
+    sensitivity: float | None
+    specificity: float | None
+    threshold: float | None
+
+
+@dataclass(frozen=True)
 class RunReport:
     """One run as the reports show it; ``status`` is ``stale`` for dead runs."""
 
@@ -87,6 +157,9 @@ class RunReport:
     duration_s: float | None
     curve: list[CurvePoint]
     columns: dict[str, Any]
+    # Per-hospital scores of the global model, by round (federated runs).
+    hospitals: dict[int, list[HospitalScore]] = field(default_factory=dict)
+    test: TestScore | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -126,6 +199,16 @@ class RunReport:
     def final(self) -> CurvePoint | None:
         """Return the last round or epoch."""
         return self.curve[-1] if self.curve else None
+
+    def lowest_hospital(self, point: CurvePoint | None, key: str) -> float | None:
+        """Return the lowest value of a hospital score at a round (None if none).
+
+        Each metric's own worst: the hospital with the lowest accuracy need
+        not be the one with the lowest AUROC.
+        """
+        scores = self.hospitals.get(point.step, []) if point is not None else []
+        values = [getattr(s, key) for s in scores if getattr(s, key) is not None]
+        return min(values, default=None)
 
     @property
     def label(self) -> str:
@@ -184,11 +267,96 @@ def load_runs(
             if run_id not in found:
                 raise RunNotFoundError(run_id)
     order = list(run_ids) if run_ids is not None else list(found)
-    curves = load_curves(session, [found[i][0] for i in dict.fromkeys(order)])
-    return [_report(*found[i], curves.get(i, [])) for i in order]
+    runs = [found[i][0] for i in dict.fromkeys(order)]
+    curves = load_curves(session, runs)
+    hospitals = load_hospital_scores(session, [r.id for r in runs])
+    tests = load_test_scores(session, [r.id for r in runs])
+    return [
+        _report(
+            *found[i],
+            curves.get(i, []),
+            hospitals=hospitals.get(i, {}),
+            test=tests.get(i),
+        )
+        for i in order
+    ]
 
 
-def _report(run: Run, experiment: str, curve: list[CurvePoint]) -> RunReport:
+def _ratio(numerator: int | None, denominator: int) -> float | None:
+    return None if numerator is None or denominator <= 0 else numerator / denominator
+
+
+def _rates(row: Any) -> tuple[float | None, float | None]:
+    """Return (sensitivity, specificity) from a row's confusion counts."""
+    tp, fn = row.true_positives, row.false_negatives
+    tn, fp = row.true_negatives, row.false_positives
+    sensitivity = _ratio(tp, (tp or 0) + (fn or 0))
+    specificity = _ratio(tn, (tn or 0) + (fp or 0))
+    return sensitivity, specificity
+
+
+def load_hospital_scores(
+    session: Session, run_ids: Sequence[int]
+) -> dict[int, dict[int, list[HospitalScore]]]:
+    """Return each run's per-hospital scores, by round, hospitals in partition order."""
+    rows = session.execute(
+        select(ClientEvaluation, Client.client_identifier, Client.partition_id)
+        .join(Client, ClientEvaluation.client_id == Client.id)
+        .where(ClientEvaluation.run_id.in_(run_ids))
+        .order_by(
+            ClientEvaluation.round_number,
+            Client.partition_id,
+            Client.client_identifier,
+        )
+    )
+    result: dict[int, dict[int, list[HospitalScore]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for ev, identifier, partition_id in rows:
+        sensitivity, specificity = _rates(ev)
+        result[ev.run_id][ev.round_number].append(
+            HospitalScore(
+                identifier=identifier,
+                partition_id=partition_id,
+                round_number=ev.round_number,
+                num_samples=ev.num_samples,
+                auroc=ev.auroc,
+                accuracy=ev.accuracy,
+                f1_score=ev.f1_score,
+                sensitivity=sensitivity,
+                specificity=specificity,
+            )
+        )
+    return {run_id: dict(rounds) for run_id, rounds in result.items()}
+
+
+def load_test_scores(session: Session, run_ids: Sequence[int]) -> dict[int, TestScore]:
+    """Return each run's end-of-run test score, where it has one."""
+    stmt = select(TestEvaluation).where(TestEvaluation.run_id.in_(run_ids))
+    scores = {}
+    for ev in session.scalars(stmt):
+        sensitivity, specificity = _rates(ev)
+        scores[ev.run_id] = TestScore(
+            round_number=ev.round_number,
+            num_samples=ev.num_samples,
+            auroc=ev.auroc,
+            accuracy=ev.accuracy,
+            f1_score=ev.f1_score,
+            sensitivity=sensitivity,
+            specificity=specificity,
+            threshold=ev.threshold,
+        )
+    return scores
+
+
+def _report(
+    run: Run,
+    experiment: str,
+    curve: list[CurvePoint],
+    *,
+    hospitals: dict[int, list[HospitalScore]],
+    test: TestScore | None,
+) -> RunReport:
     stale = is_stale(run)
     if run.end_time is not None:
         end = run.end_time
@@ -211,6 +379,8 @@ def _report(run: Run, experiment: str, curve: list[CurvePoint]) -> RunReport:
         duration_s=(end - run.start_time).total_seconds(),
         curve=curve,
         columns=row_dict(run),
+        hospitals=hospitals,
+        test=test,
     )
 
 

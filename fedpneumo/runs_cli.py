@@ -19,10 +19,13 @@ from fedpneumo.tables import (
     failures_table,
     fmt_duration,
     fmt_rounds,
+    hospitals_table,
     make_console,
     mode_cell,
     point_cell,
+    spread_line,
     step_name,
+    test_line,
 )
 
 if TYPE_CHECKING:
@@ -126,7 +129,12 @@ def show(
     run_id: RunId,
     db: DbOption = None,
 ) -> None:
-    """Show a run: details, config, validation per round/epoch, clients."""
+    """Show a run: details, config, validation per round/epoch, clients.
+
+    Federated runs also show each hospital's score of the best and the last
+    round's global model with the worst hospital; every run shows its
+    end-of-run test score, or says that nothing is claimed about test.
+    """
     from fedpneumo.reports import load_clients, load_failures, load_runs
     from persistence.readonly import read_session
 
@@ -143,8 +151,43 @@ def show(
         console.print("no config recorded")
     console.print(curve_table(report))
     if report.mode == "federated":
+        print_hospitals(console, report)
         console.print(clients_table(clients))
         console.print(failures_table(failures))
+    console.print(test_line(report), markup=False)
+
+
+def print_hospitals(console: Any, report: Any) -> None:
+    """Print each hospital's score and the worst one, for the best and last round."""
+    from fedpneumo.reports import hospital_spread
+
+    if not report.hospitals:
+        console.print(
+            "hospitals: no per-hospital evaluation recorded (evaluation.federated)",
+            markup=False,
+        )
+        return
+    shown: dict[int, str] = {}
+    points = ((report.best, "best (highest val AUROC)"), (report.final, "last"))
+    for point, what in points:
+        if point is not None:
+            shown.setdefault(point.step, what)
+    for step, what in shown.items():
+        scores = report.hospitals.get(step)
+        if scores:
+            console.print(hospitals_table(report.id, step, what, scores))
+            console.print(spread_line(hospital_spread(step, scores)), markup=False)
+        elif step == 0:
+            console.print(
+                f"round 0 ({what}) is the initial model: only the server scores it",
+                markup=False,
+            )
+        else:
+            console.print(
+                f"hospitals did not evaluate round {step} ({what}): see "
+                "evaluation.every and evaluation.fraction",
+                markup=False,
+            )
 
 
 @runs_app.command("compare")
@@ -162,6 +205,7 @@ def compare(
     the last one.
     """
     from fedpneumo.reports import MISSING, config_differences, load_runs
+    from fedpneumo.summary import fmt
     from persistence.readonly import read_session
 
     if len(run_ids) < 2:
@@ -190,6 +234,18 @@ def compare(
     rows.append(("final round / epoch", [_step(p) for p in finals]))
     for key, header in CURVE_COLUMNS:
         rows.append((f"final {header}", [point_cell(p, key) for p in finals]))
+    # Federated runs: the worst hospital's score of the kept and last model.
+    for which, points in (("best-AUROC", [r.best for r in reports]), ("final", finals)):
+        for key, header in (("auroc", "AUROC"), ("accuracy", "accuracy")):
+            cells = [
+                fmt(r.lowest_hospital(p, key)) if r.mode == "federated" else "-"
+                for r, p in zip(reports, points, strict=True)
+            ]
+            rows.append((f"worst hospital {header} ({which} round)", cells))
+    # Scored once at the end on the test split, never used to pick anything.
+    for key, header in (("auroc", "AUROC"), ("accuracy", "accuracy")):
+        cells = [fmt(getattr(r.test, key)) if r.test else "-" for r in reports]
+        rows.append((f"test {header} (not used for selection)", cells))
     for name, cells in rows:
         table.add_row(name, *cells)
     console = make_console()
@@ -222,16 +278,18 @@ def plot(
         typer.Option(
             "--output",
             "-o",
-            help="Image file to write (1200x800 px); its extension picks the "
+            help="Image file to write (1200x1100 px); its extension picks the "
             "format: .png, .pdf, .svg, ... (any that matplotlib's Agg writes).",
         ),
     ],
     db: DbOption = None,
 ) -> None:
-    """Plot learning curves: val AUROC, accuracy, loss and client train loss.
+    """Plot learning curves: val AUROC, accuracy, loss, train loss, hospital AUROC.
 
-    Runs share the axes; centralized runs are dashed, against epochs. The
-    legend names each run with the config keys that differ between the runs.
+    The hospital panel has one thin line per hospital: its AUROC of each
+    round's global model on its held-out slice. Runs share the axes;
+    centralized runs are dashed, against epochs. The legend names each run
+    with the config keys that differ between the runs.
     """
     from fedpneumo.plots import check_plot_path, plot_runs
     from fedpneumo.reports import load_clients, load_runs
@@ -257,15 +315,17 @@ def export(
     ] = None,
     db: DbOption = None,
 ) -> None:
-    """Export a run with its clients, server evaluations, metrics and failures.
+    """Export a run with its clients, evaluations, metrics and failures.
 
     JSON: one object {"run": {...}, "clients": [...], "server_evaluations":
-    [...], "metrics": [...], "client_failures": [...]}, each row with every
-    column of its table; times are ISO 8601 (UTC), NaN is null (is_nan says
-    which).
+    [...], "metrics": [...], "client_failures": [...], "client_evaluations":
+    [...], "test_evaluations": [...]}, each row with every column of its
+    table; times are ISO 8601 (UTC), NaN is null (is_nan says which); a
+    hospital's AUROC is null where its slice holds one class.
 
     CSV: one long table. The first column, "table", names each row's table
-    (runs, clients, server_evaluations, run_metrics, client_failures); the
+    (runs, clients, server_evaluations, run_metrics, client_failures,
+    client_evaluations, test_evaluations); the
     other columns are the union of those tables' columns, in that order,
     empty where the row's table lacks the column or the value is NULL.
     Floats keep full precision, booleans are true/false, runs.config is JSON.

@@ -103,6 +103,7 @@ def print_federated_summary(console: Console, outcome: Any) -> None:
                 fmt(ev.threshold),
             )
         console.print(table)
+        _print_hospitals_and_test(console, db, run.id)
         if synthetic:
             console.print(SYNTHETIC_NOTE)
         if run.error_message:
@@ -112,3 +113,18 @@ def print_federated_summary(console: Console, outcome: Any) -> None:
         console.print(f"final:      {run.final_model_path}")
         console.print(f"outputs:    {run.outputs_path}")
         console.print(f"database:   {mask_url(outcome.url)}")
+
+
+def _print_hospitals_and_test(console: Console, db: Any, run_id: int) -> None:
+    """Print the worst hospital of the kept model's round and the test line."""
+    from fedpneumo.reports import hospital_spread, load_runs
+    from fedpneumo.tables import spread_line, test_line
+
+    (report,) = load_runs(db, [run_id])
+    for point in (report.best, report.final):
+        scores = report.hospitals.get(point.step) if point is not None else None
+        if point is not None and scores:
+            line = spread_line(hospital_spread(point.step, scores))
+            console.print(line, markup=False)
+            break
+    console.print(test_line(report), markup=False)

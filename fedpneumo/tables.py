@@ -9,7 +9,13 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from fedpneumo.reports import ClientReport, CurvePoint, RunReport
+    from fedpneumo.reports import (
+        ClientReport,
+        CurvePoint,
+        HospitalScore,
+        HospitalSpread,
+        RunReport,
+    )
 
 # Piped output gets wide tables: a wrapped cell breaks grep and scripts.
 PIPE_WIDTH = 200
@@ -175,3 +181,82 @@ def failures_table(failures: list[dict[str, Any]]) -> Table:
             f["reason"],
         )
     return table
+
+
+# Shown instead of a number where a hospital's slice holds one class.
+NO_AUROC = "n/a (one class)"
+
+
+def auroc_cell(value: float | None) -> str:
+    """Format a hospital's AUROC; a missing one is undefined, never 0."""
+    from fedpneumo.summary import fmt
+
+    return NO_AUROC if value is None else fmt(value)
+
+
+def hospitals_table(
+    run_id: int, round_number: int, what: str, scores: list[HospitalScore]
+) -> Table:
+    """Return one row per hospital: its score of one round's global model."""
+    from fedpneumo.summary import fmt
+
+    table = Table(
+        title=f"run {run_id}: hospitals' scores of the {what} global model "
+        f"(round {round_number}, each on its held-out slice, server's val threshold)"
+    )
+    table.add_column("hospital")
+    for name in ("samples", "AUROC", "accuracy", "F1", "sensitivity", "specificity"):
+        table.add_column(name, justify="right")
+    for h in scores:
+        table.add_row(
+            h.identifier,
+            fmt(h.num_samples),
+            auroc_cell(h.auroc),
+            fmt(h.accuracy),
+            fmt(h.f1_score),
+            fmt(h.sensitivity),
+            fmt(h.specificity),
+        )
+    return table
+
+
+def spread_line(spread: HospitalSpread) -> str:
+    """Return the worst-hospital line: who, its AUROC, and best minus worst."""
+    from fedpneumo.summary import fmt
+
+    without = ""
+    if spread.without_auroc:
+        without = (
+            f"; no AUROC for {', '.join(spread.without_auroc)} "
+            "(a one-class slice: undefined, not 0)"
+        )
+    if spread.worst is None or spread.best is None:
+        return (
+            f"worst hospital (round {spread.round_number}): none has an AUROC" + without
+        )
+    scored = spread.hospitals - len(spread.without_auroc)
+    return (
+        f"worst hospital (round {spread.round_number}): {spread.worst.identifier} "
+        f"AUROC {fmt(spread.worst.auroc)}; spread (best - worst) "
+        f"{fmt(spread.spread)} over {scored} hospitals with an AUROC" + without
+    )
+
+
+# Printed for a run whose data had no test split.
+NO_TEST_CLAIM = "test: the data has no test split; nothing is claimed about test"
+
+
+def test_line(report: RunReport) -> str:
+    """Return the end-of-run test score line, labelled as test."""
+    from fedpneumo.summary import fmt
+
+    t = report.test
+    if t is None:
+        return NO_TEST_CLAIM
+    return (
+        f"test (scored once after training, never used for selection; model of "
+        f"{step_name(report)} {t.round_number}, val threshold {fmt(t.threshold)}): "
+        f"AUROC {fmt(t.auroc)}, accuracy {fmt(t.accuracy)}, F1 {fmt(t.f1_score)}, "
+        f"sensitivity {fmt(t.sensitivity)}, specificity {fmt(t.specificity)} "
+        f"on {fmt(t.num_samples)} images"
+    )

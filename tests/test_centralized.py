@@ -5,21 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
 from persistence.db import get_engine, session_scope
-from persistence.models import Run, RunMetric
+from persistence.models import Run, RunMetric, TestEvaluation
 from tests.conftest import REAL_DATA, run_cli
+
+SCORES = ("accuracy", "auroc", "precision", "recall", "f1_score")
 
 
 @pytest.mark.e2e
-def test_train_then_evaluate_reproduces_val(
-    db_url: str, tmp_path: Path, data_file: Path
+def test_train_then_evaluate_reproduces_val_and_test(
+    db_url: str, tmp_path: Path, data_file: Path, data_with_test: Path
 ) -> None:
     result = run_cli(
         "train",
-        f"data.path={data_file}",
+        f"data.path={data_with_test}",
         "data.limit=600",
         "train.epochs=2",
         "model.width=8",
@@ -46,6 +49,12 @@ def test_train_then_evaluate_reproduces_val(
             if m.metric_name.startswith("final_val_")
         }
         checkpoint = Path(run.checkpoint_path)
+        # The kept model's test score, stored apart from the per-epoch rows.
+        test = s.scalars(select(TestEvaluation)).one()
+        assert (test.run_id, test.dataset_type) == (run.id, "test")
+        best_epoch = next(m.step for m in metrics if m.metric_name == "final_val_auroc")
+        assert test.round_number == best_epoch
+        assert test.threshold == pytest.approx(final["final_val_threshold"])
     assert checkpoint.is_file()
 
     evaluated = run_cli(
@@ -53,16 +62,36 @@ def test_train_then_evaluate_reproduces_val(
         "--checkpoint",
         str(checkpoint),
         "--data",
-        str(data_file),
+        str(data_with_test),
         "--split",
         "val",
         "--json",
     )
     assert evaluated.returncode == 0, evaluated.stderr
     scores = json.loads(evaluated.stdout)
-    for key in ("accuracy", "auroc", "precision", "recall", "f1_score"):
+    for key in SCORES:
         assert scores[key] == pytest.approx(final[f"final_val_{key}"], abs=1e-6)
     assert scores["num_samples"] == (524 if data_file == REAL_DATA else 200)
+
+    # A file that holds only the test split is enough to score on test.
+    with np.load(data_with_test) as npz:
+        only_test = {k: npz[k] for k in ("test_images", "test_labels")}
+    np.savez(tmp_path / "test_only.npz", **only_test)
+    on_test = run_cli(
+        "evaluate",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(tmp_path / "test_only.npz"),
+        "--split",
+        "test",
+        "--json",
+    )
+    assert on_test.returncode == 0, on_test.stderr
+    scores = json.loads(on_test.stdout)
+    for key in SCORES:
+        assert scores[key] == pytest.approx(getattr(test, key), abs=1e-6), key
+    assert scores["num_samples"] == test.num_samples == 300
 
 
 def test_train_with_missing_data_path_fails_cleanly(tmp_path: Path) -> None:

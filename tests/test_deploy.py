@@ -25,7 +25,13 @@ from client_app.messages import REPLY_METRICS
 from fedpneumo.deploy import node_config
 from fedpneumo.flower import STARTED, descendants, process_alive
 from persistence.db import get_engine, session_scope
-from persistence.models import Client, Run, RunMetric, ServerEvaluation
+from persistence.models import (
+    Client,
+    ClientEvaluation,
+    Run,
+    RunMetric,
+    ServerEvaluation,
+)
 from tests.conftest import REPO_ROOT
 from tests.deployment import (
     DATABASE_ENV_PREFIXES,
@@ -377,6 +383,18 @@ def test_deploy_native_topology_relay(
             )
         ).all()
         assert sorted(evaluations) == [0, 1, 2]
+        # Each hospital's score of each round's model came back in its
+        # evaluate reply and was stored by the server, as in direct mode.
+        hospital = s.execute(
+            select(
+                ClientEvaluation.client_id,
+                ClientEvaluation.round_number,
+                ClientEvaluation.run_id,
+            )
+        ).all()
+        assert sorted(hospital) == sorted(
+            (c.id, r, run.id) for c in clients for r in (1, 2)
+        )
         run_id = run.id
         # Flower's uint64 ids are text columns (BIGINT would overflow).
         types = s.execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,8 +14,15 @@ from sqlalchemy import Engine, func, select, text, true
 from sqlalchemy.engine import make_url
 
 from persistence.db import dispose_engines, get_engine, session_scope
-from persistence.models import Client, Run, RunMetric, ServerEvaluation
-from tests.conftest import make_db_url, run_cli
+from persistence.models import (
+    Client,
+    ClientEvaluation,
+    Run,
+    RunMetric,
+    ServerEvaluation,
+    TestEvaluation,
+)
+from tests.conftest import REPO_ROOT, make_db_url, run_cli
 from tests.faults import fault_app
 
 # Every test here starts Flower or trains: the e2e tier.
@@ -38,12 +46,18 @@ def small_run(data_file: Path, tmp_path: Path, *extra: str) -> list[str]:
 
 
 def assert_complete_run(
-    engine: Engine, clients: int, rounds: int, run_id: int | None = None
+    engine: Engine,
+    clients: int,
+    rounds: int,
+    run_id: int | None = None,
+    *,
+    test_split: bool = False,
 ) -> int:
     """Assert the rows one completed federated run must have; return its id.
 
     Without ``run_id`` the database must hold exactly this one run; with it
-    (a sweep), the checks are about that run's rows.
+    (a sweep), the checks are about that run's rows. ``test_split``: the
+    data has one, so the run must have its end-of-run test score.
     """
     with session_scope(engine) as s:
         if run_id is None:
@@ -87,6 +101,21 @@ def assert_complete_run(
             )
         ).all()
         assert sorted(evals) == list(range(rounds + 1))
+        # Every hospital scored every round's global model, under this run.
+        hospital = s.execute(
+            select(
+                ClientEvaluation.client_id,
+                ClientEvaluation.round_number,
+                ClientEvaluation.run_id,
+            ).where(ClientEvaluation.client_id.in_(ids))
+        ).all()
+        assert len(hospital) == clients * rounds
+        assert {(c, r) for c, r, _ in hospital} == expected
+        assert {r for _, _, r in hospital} == {run.id}
+        tests = s.scalars(
+            select(TestEvaluation).where(TestEvaluation.run_id == run.id)
+        ).all()
+        assert len(tests) == int(test_split)
         if engine.dialect.name == "sqlite":
             assert s.execute(text("PRAGMA foreign_key_check")).all() == []
         return run.id
@@ -110,6 +139,7 @@ SWEPT = ("fedprox", "fedadam")
 def run_session(
     backend: str, request: pytest.FixtureRequest, data_file: Path, *extra: str
 ) -> Iterator[Session]:
+    # data_file: the PostgreSQL session's has a test split, SQLite's has none.
     """Run 3-client, 2-round sessions on a fresh database of a backend."""
     tmp = request.getfixturevalue("tmp_path_factory").mktemp(f"session-{backend}")
     url = make_db_url(backend, request, tmp)
@@ -130,10 +160,13 @@ def sqlite_session(
 
 @pytest.fixture(scope="module")
 def postgres_session(
-    request: pytest.FixtureRequest, data_file: Path
+    request: pytest.FixtureRequest, data_with_test: Path
 ) -> Iterator[Session]:
-    """The shared session on PostgreSQL (one run; the URL holds a password)."""
-    yield from run_session("postgres", request, data_file)
+    """The shared session on PostgreSQL (one run; the URL holds a password).
+
+    Its data has a test split, so the run ends with a test score.
+    """
+    yield from run_session("postgres", request, data_with_test)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
@@ -147,8 +180,13 @@ def test_federated_run_tracks_every_client_and_round(
     assert "round 2/2" in result.stderr  # progress lines off a terminal
     engine = get_engine(session.url)
     if backend == "postgres":
-        assert_complete_run(engine, clients=3, rounds=2)
+        assert_complete_run(engine, clients=3, rounds=2, test_split=True)
+        assert "test (scored once after training, never used for selection" in (
+            result.stdout
+        )
         return
+    assert "worst hospital (round" in result.stdout
+    assert "nothing is claimed about test" in result.stdout
     with session_scope(engine) as s:
         run_ids = s.scalars(select(Run.id)).all()
     assert len(run_ids) == len(SWEPT)  # one Run per session of the sweep
@@ -207,3 +245,41 @@ def test_config_snapshot_has_no_password(postgres_session: Session) -> None:
         assert password not in json.dumps(run.config)
     logs = "".join(p.read_text() for p in session.out.rglob("*.log"))
     assert logs and password not in logs
+
+
+def readme_sql(title: str) -> str:
+    """Return the README's SQL example whose first line is ``-- title``."""
+    blocks = re.findall(
+        r"```sql\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S
+    )
+    (block,) = [b for b in blocks if b.startswith(f"-- {title}")]
+    return block
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_readme_sql_finds_the_worst_hospital_of_each_run(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    session: Session = request.getfixturevalue(f"{backend}_session")
+    query = readme_sql("the worst hospital of each run")
+    with session_scope(get_engine(session.url)) as s:
+        found = s.execute(text(query)).all()
+        expected = []
+        for run_id in s.scalars(select(Run.id).order_by(Run.id)):
+            last = s.scalar(
+                select(func.max(ClientEvaluation.round_number)).where(
+                    ClientEvaluation.run_id == run_id
+                )
+            )
+            scored = s.execute(
+                select(Client.client_identifier, ClientEvaluation.auroc)
+                .join(Client, ClientEvaluation.client_id == Client.id)
+                .where(
+                    ClientEvaluation.run_id == run_id,
+                    ClientEvaluation.round_number == last,
+                    ClientEvaluation.auroc.is_not(None),
+                )
+            ).all()
+            worst = min(scored, key=lambda r: (r[1], r[0]))
+            expected.append((run_id, *worst))
+    assert [(r.run_id, r.worst_hospital, r.auroc) for r in found] == expected

@@ -15,7 +15,7 @@ from client_app.messages import REPLY_METRICS
 from fedpneumo.flower import kill_tree
 from fedpneumo.reports import is_stale
 from persistence.db import get_engine, session_scope
-from persistence.models import Client, Run, ServerEvaluation
+from persistence.models import Client, ClientEvaluation, Run, ServerEvaluation
 from tests.conftest import run_cli
 from tests.mounts import fill, tmpfs
 from tests.pg_server import ThrowawayPostgres
@@ -72,6 +72,7 @@ def test_postgres_down_for_good_stops_waiting_and_sync_completes_the_run(
         "run_metrics": 3 * rounds * PER_EPOCH + rounds * len(REPLY_METRICS),
         "server_evaluations": rounds + 1,
         "client_failures": 0,
+        "client_evaluations": 3 * rounds,
     }
     assert counts(url) == undisturbed
     assert_complete_run(get_engine(url), clients=3, rounds=rounds)
@@ -150,3 +151,11 @@ def test_killed_run_resumes_in_the_same_run(
     per_client = [k for k in keys if k[0] is not None]
     assert len(per_client) == clients * 4 * PER_EPOCH
     assert {k[1] for k in per_client} == {1, 2, 3, 4}
+    with session_scope(get_engine(url)) as s:
+        hospital = s.execute(
+            select(ClientEvaluation.client_id, ClientEvaluation.round_number)
+        ).all()
+    # Every hospital scored every round once: round 3's rows from before the
+    # kill went with the rest of the unfinished tail.
+    assert len(hospital) == clients * 4
+    assert {r for _, r in hospital} == {1, 2, 3, 4}

@@ -19,7 +19,14 @@ from fedpneumo.flower import descendants, kill_tree, process_alive
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope, upgrade_database
 from persistence.entries import MetricBatch
-from persistence.models import Client, ClientFailure, Run, RunMetric, ServerEvaluation
+from persistence.models import (
+    Client,
+    ClientEvaluation,
+    ClientFailure,
+    Run,
+    RunMetric,
+    ServerEvaluation,
+)
 from persistence.spool import DurableWriter
 from tests.conftest import run_cli
 from tests.faults import fault_app
@@ -37,7 +44,14 @@ def counts(url: str) -> dict[str, int]:
     with session_scope(get_engine(url)) as s:
         return {
             m.__tablename__: s.scalar(select(func.count()).select_from(m))
-            for m in (Run, Client, RunMetric, ServerEvaluation, ClientFailure)
+            for m in (
+                Run,
+                Client,
+                RunMetric,
+                ServerEvaluation,
+                ClientFailure,
+                ClientEvaluation,
+            )
         }
 
 
@@ -94,14 +108,15 @@ def test_postgres_outage_mid_run_loses_nothing(
 ) -> None:
     args = [f"data.path={data_file}", "data.limit=300", *SMALL, "num_rounds=6"]
     # What an undisturbed run of these settings stores: 3 clients x 6 rounds x
-    # PER_EPOCH client rows, one aggregate row per reply metric and round, and
-    # the server's evaluations of rounds 0..6.
+    # PER_EPOCH client rows, one aggregate row per reply metric and round,
+    # the server's evaluations of rounds 0..6 and each hospital's of 1..6.
     undisturbed = {
         "runs": 1,
         "clients": 3,
         "run_metrics": 3 * 6 * PER_EPOCH + 6 * len(REPLY_METRICS),
         "server_evaluations": 7,
         "client_failures": 0,
+        "client_evaluations": 3 * 6,
     }
 
     url = own_pg.create_database("outage")

@@ -30,10 +30,12 @@ from persistence.db import dispose_engines, get_engine, session_scope, upgrade_d
 from persistence.models import (
     Base,
     Client,
+    ClientEvaluation,
     ClientFailure,
     Run,
     RunMetric,
     ServerEvaluation,
+    TestEvaluation,
 )
 from tests.conftest import run_cli
 
@@ -43,6 +45,8 @@ EXPORTED = {
     "server_evaluations": ServerEvaluation,
     "run_metrics": RunMetric,
     "client_failures": ClientFailure,
+    "client_evaluations": ClientEvaluation,
+    "test_evaluations": TestEvaluation,
 }
 
 
@@ -268,7 +272,55 @@ def test_show_federated_run(tracked: Tracked) -> None:
                 "nan" if auroc is None else fmt(auroc),
                 "0",
             ] in rows
+        scores = hospital_scores(s, run.id)
     assert "client failures: 0" in result.stdout
+    # Each hospital's score of the best and of the last round's model, with
+    # the worst hospital named; client-0's slice holds normals only.
+    shown_rounds = list(dict.fromkeys([best.round_number, evals[-1].round_number]))
+    expected_hospitals = []
+    for rnd in shown_rounds:
+        for name, ev in scores[rnd]:
+            tn, fp = ev.true_negatives, ev.false_positives
+            tp, fn = ev.true_positives, ev.false_negatives
+            # Undefined rates (no positives, or no negatives) are '-', not 0.
+            expected_hospitals.append(
+                [
+                    name,
+                    fmt(ev.num_samples),
+                    "n/a (one class)" if ev.auroc is None else fmt(ev.auroc),
+                    fmt(ev.accuracy),
+                    fmt(ev.f1_score),
+                    fmt(tp / (tp + fn)) if tp + fn else "-",
+                    fmt(tn / (tn + fp)) if tn + fp else "-",
+                ]
+            )
+        (scored,) = [(n, e) for n, e in scores[rnd] if e.auroc is not None]
+        assert (
+            f"worst hospital (round {rnd}): {scored[0]} AUROC {fmt(scored[1].auroc)}; "
+            "spread (best - worst) 0.0000 over 1 hospitals with an AUROC; no AUROC "
+            "for client-0 (a one-class slice: undefined, not 0)"
+        ) in result.stdout
+    assert [r for r in rows if len(r) == 7] == expected_hospitals
+    assert [r[2] for r in expected_hospitals if r[0] == "client-0"] == [
+        "n/a (one class)"
+    ] * len(shown_rounds)
+    assert "nothing is claimed about test" in result.stdout
+
+
+def hospital_scores(
+    s: Session, run_id: int
+) -> dict[int, list[tuple[str, ClientEvaluation]]]:
+    """Return a run's client_evaluations rows by round, in hospital order."""
+    rows = s.execute(
+        select(Client.client_identifier, ClientEvaluation)
+        .join(Client, ClientEvaluation.client_id == Client.id)
+        .where(ClientEvaluation.run_id == run_id)
+        .order_by(ClientEvaluation.round_number, Client.partition_id)
+    ).all()
+    by_round: dict[int, list[tuple[str, ClientEvaluation]]] = {}
+    for name, ev in rows:
+        by_round.setdefault(ev.round_number, []).append((name, ev))
+    return by_round
 
 
 @pytest.mark.e2e
@@ -352,11 +404,11 @@ def test_plot_writes_a_fixed_size_png(tracked: Tracked, tmp_path: Path) -> None:
         str(both),
     )
     assert result.returncode == 0, result.stderr
-    assert mpimg.imread(both).shape == (800, 1200, 4)
+    assert mpimg.imread(both).shape == (1100, 1200, 4)
     single = tmp_path / "single.png"
     result = runs_cmd(tracked.url, "plot", str(tracked.federated), "-o", str(single))
     assert result.returncode == 0, result.stderr
-    assert mpimg.imread(single).shape == (800, 1200, 4)
+    assert mpimg.imread(single).shape == (1100, 1200, 4)
 
 
 def db_rows(url: str, run_id: int) -> dict[str, list[Base]]:
@@ -388,6 +440,8 @@ def test_export_json_round_trips(tracked: Tracked, tmp_path: Path) -> None:
             "server_evaluations": doc["server_evaluations"],
             "run_metrics": doc["metrics"],
             "client_failures": doc["client_failures"],
+            "client_evaluations": doc["client_evaluations"],
+            "test_evaluations": doc["test_evaluations"],
         }
         assert expected["run_metrics"] and expected["runs"][0].config
         for table, rows in expected.items():
