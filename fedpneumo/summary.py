@@ -9,10 +9,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from client_app.metric_keys import HEADLINE_KEYS
+from client_app.metric_keys import (
+    FALSE_NEGATIVES,
+    FALSE_POSITIVES,
+    HEADLINE_KEYS,
+    NUM_SAMPLES,
+    TRUE_NEGATIVES,
+    TRUE_POSITIVES,
+)
 from persistence.db import mask_url
 
 HEADLINE = HEADLINE_KEYS
+COUNT_KEYS = frozenset(
+    {TRUE_POSITIVES, TRUE_NEGATIVES, FALSE_POSITIVES, FALSE_NEGATIVES, NUM_SAMPLES}
+)
 SYNTHETIC_NOTE = "data:       SYNTHETIC (generated toy images, not X-rays)"
 
 
@@ -31,7 +41,9 @@ def print_metrics(console: Console, metrics: Mapping[str, float], title: str) ->
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, fmt(value))
+        # Confusion counts and sample numbers are whole numbers.
+        whole = key in COUNT_KEYS and float(value).is_integer()
+        table.add_row(key, str(int(value)) if whole else fmt(value))
     console.print(table)
 
 

@@ -238,7 +238,8 @@ def spread_line(spread: HospitalSpread) -> str:
     return (
         f"worst hospital (round {spread.round_number}): {spread.worst.identifier} "
         f"AUROC {fmt(spread.worst.auroc)}; spread (best - worst) "
-        f"{fmt(spread.spread)} over {scored} hospitals with an AUROC" + without
+        f"{fmt(spread.spread)} over {scored} hospital{'s' * (scored != 1)} with an "
+        "AUROC" + without
     )
 
 

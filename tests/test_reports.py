@@ -297,7 +297,7 @@ def test_show_federated_run(tracked: Tracked) -> None:
         (scored,) = [(n, e) for n, e in scores[rnd] if e.auroc is not None]
         assert (
             f"worst hospital (round {rnd}): {scored[0]} AUROC {fmt(scored[1].auroc)}; "
-            "spread (best - worst) 0.0000 over 1 hospitals with an AUROC; no AUROC "
+            "spread (best - worst) 0.0000 over 1 hospital with an AUROC; no AUROC "
             "for client-0 (a one-class slice: undefined, not 0)"
         ) in result.stdout
     assert [r for r in rows if len(r) == 7] == expected_hospitals
