@@ -13,7 +13,7 @@ import pickle
 import random
 import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from torch import nn
 
 from client_app import model as models
 from client_app.data import Split
-from client_app.loaders import make_loader
+from client_app.loaders import DeviceSplit, EpochOrder
 from client_app.metrics import binary_metrics, youden_threshold
 from persistence.errors import FailedRunError, InputError
 
@@ -145,27 +145,40 @@ def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
 
 
+def on_device(split: Split | DeviceSplit, device: torch.device) -> DeviceSplit:
+    """Return the split held on ``device`` (as is when it already is)."""
+    if isinstance(split, DeviceSplit) and split.device == device:
+        return split
+    if isinstance(split, DeviceSplit):
+        raise ValueError(f"split is on {split.device}, the model on {device}")
+    return DeviceSplit(split, device)
+
+
 @torch.no_grad()
 def predict_proba(
-    model: nn.Module, split: Split, batch_size: int = 256, device: str = "auto"
+    model: nn.Module,
+    split: Split | DeviceSplit,
+    batch_size: int = 256,
+    device: str = "auto",
 ) -> tuple[np.ndarray, float]:
-    """Return P(pneumonia) for every image of a split and the mean BCE loss."""
+    """Return P(pneumonia) for every image of a split and the mean BCE loss.
+
+    Everything stays on the device until the one copy of the results.
+    """
     dev = select_device(device)
     model.to(dev).eval()
-    loader = make_loader(split, batch_size=batch_size, shuffle=False, augment=False)
-    probs, total_loss = [], 0.0
-    for images, labels in loader:
-        logits = model(images.to(dev))
-        total_loss += nn.functional.binary_cross_entropy_with_logits(
-            logits, labels.to(dev), reduction="sum"
-        ).item()
-        probs.append(torch.sigmoid(logits).cpu().numpy())
-    return np.concatenate(probs), total_loss / max(len(split), 1)
+    data = on_device(split, dev)
+    logits = torch.cat([model(images) for images, _ in data.batches(batch_size)])
+    loss = nn.functional.binary_cross_entropy_with_logits(
+        logits, data.labels, reduction="sum"
+    )
+    probs = torch.sigmoid(logits).cpu().numpy()
+    return probs, loss.item() / max(len(data), 1)
 
 
 def evaluate(
     model: nn.Module,
-    split: Split,
+    split: Split | DeviceSplit,
     *,
     threshold: float | None = None,
     batch_size: int = 256,
@@ -173,9 +186,10 @@ def evaluate(
 ) -> dict[str, float]:
     """Score a model on a split; without a threshold, pick Youden's on this split."""
     probs, loss = predict_proba(model, split, batch_size, device)
+    labels = split.host_labels if isinstance(split, DeviceSplit) else split.labels
     if threshold is None:
-        threshold = youden_threshold(split.labels, probs)
-    metrics = binary_metrics(split.labels, probs, threshold=threshold, loss=loss)
+        threshold = youden_threshold(labels, probs)
+    metrics = binary_metrics(labels, probs, threshold=threshold, loss=loss)
     metrics["threshold"] = float(threshold)
     return metrics
 
@@ -186,7 +200,7 @@ def _prefixed(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
 
 def _train_epoch(
     model: nn.Module,
-    loader: torch.utils.data.DataLoader,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module,
     global_params: list[torch.Tensor] | None,
@@ -195,9 +209,12 @@ def _train_epoch(
     epoch: int,
 ) -> dict[str, float]:
     model.train()
-    total, correct, loss_sum = 0, 0, 0.0
-    for images, labels in loader:
-        images, labels = images.to(dev), labels.to(dev)
+    # Sums stay on the device: reading a value per batch would make the host
+    # wait for the device every batch. The epoch synchronises once, at the end.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    total = 0
+    for images, labels in batches:
         optimizer.zero_grad(set_to_none=True)
         logits = model(images)
         loss = loss_fn(logits, labels)
@@ -207,17 +224,19 @@ def _train_epoch(
                 for w, g in zip(model.parameters(), global_params, strict=True)
             )
             loss = loss + 0.5 * s.proximal_mu * prox
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"training diverged at epoch {epoch}: train loss is {loss.item()} "
-                f"with train.lr={s.lr:g}; try a lower train.lr"
-            )
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(labels)
-        correct += int(((logits > 0).float() == labels).sum().item())
+        loss_sum += loss.detach().double() * len(labels)
+        correct += ((logits.detach() > 0).float() == labels).sum()
         total += len(labels)
-    return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+    mean_loss = loss_sum.item() / max(total, 1)
+    # A non-finite batch loss makes the epoch's sum non-finite: checked once.
+    if not math.isfinite(mean_loss):
+        raise TrainingDivergedError(
+            f"training diverged at epoch {epoch}: train loss is {mean_loss} "
+            f"with train.lr={s.lr:g}; try a lower train.lr"
+        )
+    return {"loss": mean_loss, "accuracy": correct.item() / max(total, 1)}
 
 
 def fit(
@@ -242,9 +261,10 @@ def fit(
     dev = select_device(s.device)
     seed_everything(s.seed)
     model.to(dev)
-    loader = make_loader(
-        train, batch_size=s.batch_size, shuffle=True, augment=s.augment, seed=s.seed
-    )
+    data = DeviceSplit(train, dev)
+    # The same shuffles as a DataLoader seeded with s.seed (see loaders.py).
+    order = EpochOrder(len(data), s.seed)
+    held_out = DeviceSplit(val, dev) if val is not None and len(val) else None
     optimizer = _optimizer(model, s)
     pos_weight = (
         None if s.pos_weight is None else torch.tensor(s.pos_weight, device=dev)
@@ -262,14 +282,15 @@ def fit(
             started = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(s.lr, s.lr_schedule, epoch, s.epochs)
+            batches = data.batches(s.batch_size, order.next_epoch(), s.augment)
             metrics = _prefixed(
                 "train",
                 _train_epoch(
-                    model, loader, optimizer, loss_fn, global_params, s, dev, epoch
+                    model, batches, optimizer, loss_fn, global_params, s, dev, epoch
                 ),
             )
-            if val is not None and len(val):
-                val_metrics = evaluate(model, val, device=s.device)
+            if held_out is not None:
+                val_metrics = evaluate(model, held_out, device=s.device)
                 metrics.update(_prefixed("val", val_metrics))
                 auroc = val_metrics["auroc"]
                 score = -math.inf if math.isnan(auroc) else auroc

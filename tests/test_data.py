@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from torchvision.transforms import v2
 
 from client_app.data import (
     DataError,
@@ -20,7 +23,14 @@ from client_app.data import (
     make_synthetic,
     resolve_data,
 )
-from client_app.loaders import make_loader
+from client_app.loaders import (
+    DEGREES,
+    SCALE,
+    TRANSLATE_FRACTION,
+    DeviceSplit,
+    EpochOrder,
+    normalise,
+)
 
 REAL_NPZ = (
     Path(__file__).resolve().parents[1]
@@ -325,16 +335,65 @@ def test_resolve_data_without_download(
 
 
 @pytest.mark.parametrize("augment", [False, True])
-def test_make_loader_batches(augment: bool) -> None:
+def test_device_split_batches(augment: bool) -> None:
     split = make_synthetic(n_train=70, n_val=10).split("train")
-    loader = make_loader(split, batch_size=32, shuffle=True, augment=augment, seed=0)
-    batches = list(loader)
+    data = DeviceSplit(split, torch.device("cpu"))
+    order = EpochOrder(len(data), seed=0).next_epoch()
+    batches = list(data.batches(32, order, augment=augment))
     assert [len(labels) for _, labels in batches] == [32, 32, 6]
     images, labels = batches[0]
     assert images.shape == (32, 1, 28, 28) and images.dtype == torch.float32
     assert labels.shape == (32,) and labels.dtype == torch.float32
     assert -1.0 <= images.min() and images.max() <= 1.0
     assert set(labels.tolist()) <= {0.0, 1.0}
+    assert torch.equal(torch.cat([y for _, y in batches]), data.labels[order])
     if not augment:
-        again = next(iter(make_loader(split, 32, shuffle=True, seed=0)))
+        again = next(data.batches(32, EpochOrder(len(data), seed=0).next_epoch()))
         assert torch.equal(again[1], labels) and torch.equal(again[0], images)
+
+
+class ImageByImage(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """The reference pipeline: torchvision's RandomAffine on one image at a time."""
+
+    def __init__(self, split: Split) -> None:
+        self.images = torch.from_numpy(split.images).unsqueeze(1)
+        self.labels = torch.from_numpy(split.labels).float()
+        self.affine = v2.RandomAffine(
+            degrees=DEGREES,
+            translate=(TRANSLATE_FRACTION, TRANSLATE_FRACTION),
+            scale=SCALE,
+            interpolation=v2.InterpolationMode.BILINEAR,
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalise(self.affine(self.images[index])), self.labels[index]
+
+
+def test_device_batches_equal_a_seeded_dataloader_with_torchvisions_affine(
+    data_file: Path,
+) -> None:
+    # Same seeds, same epochs: the same shuffles, the same augmentation draws
+    # from the global generator, and the same warped pixels, bit for bit.
+    split = load_npz(data_file).split("train").subset(np.arange(300))
+    loader = DataLoader(
+        ImageByImage(split),
+        batch_size=64,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(7),
+    )
+    torch.manual_seed(11)
+    reference = [batch for _ in range(3) for batch in loader]
+    after_reference = torch.rand(3)
+    torch.manual_seed(11)
+    data, order = DeviceSplit(split, torch.device("cpu")), EpochOrder(300, seed=7)
+    ours = [b for _ in range(3) for b in data.batches(64, order.next_epoch(), True)]
+    assert torch.equal(torch.rand(3), after_reference)  # as many draws
+    assert len(ours) == len(reference) == 15
+    for (images, labels), (want_images, want_labels) in zip(
+        ours, reference, strict=True
+    ):
+        assert torch.equal(labels, want_labels)
+        assert torch.equal(images, want_images)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from client_app.data import make_synthetic
-from client_app.loaders import make_loader
+from client_app.loaders import DeviceSplit, EpochOrder
 from client_app.model import MODEL_NAMES, build_model, count_parameters
 
 
@@ -53,7 +53,8 @@ def test_cnn_learns_synthetic_data() -> None:
     loss_fn = nn.BCEWithLogitsLoss()
     losses = []
     for _ in range(4):
-        for images, labels in make_loader(split, 32, shuffle=True, seed=0):
+        data = DeviceSplit(split, torch.device("cpu"))
+        for images, labels in data.batches(32, EpochOrder(len(data), 0).next_epoch()):
             loss = loss_fn(model(images), labels)
             optimizer.zero_grad()
             loss.backward()
