@@ -95,7 +95,7 @@ def federated_session(overrides: list[str], env: dict[str, str] | None = None) -
     from fedpneumo.launcher import LocalSuperLink
 
     cfg, url = prepare(overrides)
-    launch_vars = {**launch_env(url), **(env or {})}
+    launch_vars = {**launch_env(url, cfg), **(env or {})}
     with LocalSuperLink(launch_vars, Path.cwd()) as superlink:
         outcome = launch(
             cfg,

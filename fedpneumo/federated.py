@@ -182,11 +182,17 @@ def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
     return cfg, url
 
 
-def launch_env(url: str) -> dict[str, str]:
-    """Return the environment for the SuperLink: this one plus DATABASE_URL."""
+def launch_env(url: str, cfg: AppConfig) -> dict[str, str]:
+    """Return the environment for the SuperLink: this one, DATABASE_URL, RAY_ADDRESS.
+
+    Flower's simulation calls ``ray.init()`` without an address, which Ray
+    takes from RAY_ADDRESS: the configured cluster, or ``local`` for a Ray of
+    this run's own (never a cluster some other shell or `ray start` left).
+    """
     env = dict(os.environ)
     if url and not url.startswith("sqlite"):
         env["DATABASE_URL"] = url
+    env["RAY_ADDRESS"] = cfg.simulation.ray_address or "local"
     return env
 
 
@@ -354,11 +360,15 @@ def run_sessions(
     prepared = [(combo, *prepare(combo)) for combo in combos]
     outcomes = []
     cwd = Path.cwd()
-    url0 = prepared[0][2]
-    with LocalSuperLink(launch_env(url0), cwd, app_dir) as superlink:
+    _, cfg0, url0 = prepared[0]
+    # One SuperLink serves the whole sweep, with one environment.
+    if any(url != url0 for _, _, url in prepared):
+        raise ConfigError("a sweep must use one tracking database (db.*)")
+    addresses = {cfg.simulation.ray_address for _, cfg, _ in prepared}
+    if len(addresses) > 1:
+        raise ConfigError("a sweep must use one Ray cluster (simulation.ray_address)")
+    with LocalSuperLink(launch_env(url0, cfg0), cwd, app_dir) as superlink:
         for combo, cfg, url in prepared:
-            if url != url0:
-                raise ConfigError("a sweep must use one tracking database (db.*)")
             run_config: dict[str, str | int] = {
                 "overrides": server_overrides(combo, cfg),
                 "resume-run-id": 0,
@@ -465,7 +475,8 @@ def resume_session(
         f"outputs_dir={cfg.outputs_dir}",
         f"db.sqlite_path={cfg.db.sqlite_path}",
     ]
-    with LocalSuperLink(launch_env(url), Path.cwd(), app_dir) as superlink:
+    check_compute(cfg)
+    with LocalSuperLink(launch_env(url, cfg), Path.cwd(), app_dir) as superlink:
         return launch(
             cfg,
             url,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -147,6 +148,9 @@ class SimulationConfig:
     client_num_cpus: int = bounded(1, ge=1)
     client_num_gpus: float = bounded(0.0, ge=0)
     num_cpus: int | None = bounded(None, ge=1)
+    # host:port of a running Ray cluster's head (`ray start --head`) to run
+    # the clients on; null = Flower starts its own Ray on this machine.
+    ray_address: str | None = None
 
 
 @dataclass
@@ -341,11 +345,37 @@ def check_bulyan(cfg: AppConfig) -> None:
         )
 
 
+RAY_ADDRESS = re.compile(r"^(?P<host>[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
+
+
+def ray_address(cfg: AppConfig) -> tuple[str, int] | None:
+    """Return (host, port) of simulation.ray_address, or None for Flower's own Ray."""
+    address = cfg.simulation.ray_address
+    if address is None:
+        return None
+    match = RAY_ADDRESS.match(address)
+    if not match or not 0 < int(match["port"]) < 65536:
+        raise _invalid(
+            "simulation.ray_address",
+            address,
+            "give the Ray head's host:port (the --port of `ray start --head`), "
+            "or null for Flower's own local Ray",
+        )
+    if cfg.simulation.num_cpus is not None:
+        raise ConfigError(
+            f"simulation.num_cpus={cfg.simulation.num_cpus} sizes Flower's own Ray, "
+            f"but simulation.ray_address={address} uses a running cluster, whose "
+            "size is its nodes'; set simulation.num_cpus=null"
+        )
+    return match["host"], int(match["port"])
+
+
 def validate(cfg: AppConfig) -> None:
     """Check value ranges and the cross-key rules that types cannot express."""
     check_values(cfg)
     check_rules(cfg)
     check_bulyan(cfg)
+    ray_address(cfg)
 
 
 def partition_seed(cfg: AppConfig) -> int:

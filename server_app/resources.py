@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
 from server_app.compose import database_url
-from server_app.config import AppConfig, ConfigError
+from server_app.config import AppConfig, ConfigError, ray_address
 
 # Checkpoints, round state, spools and logs of a run: far less than this.
 MIN_FREE_BYTES = 16 * 1024 * 1024
@@ -54,6 +55,19 @@ def check_outputs(cfg: AppConfig) -> None:
         check_writable_dir(folder, "db.sqlite_path's folder")
 
 
+def check_ray_cluster(host: str, port: int) -> None:
+    """Check that something answers at the Ray head's address before a run."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"simulation.ray_address={host}:{port}: no Ray cluster answers there "
+            f"({exc.strerror or exc}); start one with `ray start --head "
+            f"--port={port}`, or set simulation.ray_address=null for Flower's own "
+            "local Ray"
+        ) from None
+
+
 def check_compute(cfg: AppConfig) -> None:
     """Check that this machine has the device and can host one simulated client.
 
@@ -70,6 +84,11 @@ def check_compute(cfg: AppConfig) -> None:
                 "train.device=auto (the GPU when there is one) or train.device=cpu"
             )
     sim = cfg.simulation
+    address = ray_address(cfg)
+    if address is not None:
+        # The clients run on the cluster's nodes: its resources decide.
+        check_ray_cluster(*address)
+        return
     cpus = sim.num_cpus or os.cpu_count() or 1
     if sim.client_num_cpus > cpus:
         raise ConfigError(

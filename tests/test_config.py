@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpneumo.flower import free_port
 from server_app.compose import (
     config_from_snapshot,
     database_url,
@@ -161,3 +162,43 @@ def test_odd_overrides_are_one_line_and_leave_nothing(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), lines
     assert not (tmp_path / "outputs").exists()  # no database, no folder
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["simulation.ray_address=nohost"],
+            "error: simulation.ray_address='nohost' is invalid; give the Ray head's "
+            "host:port (the --port of `ray start --head`), or null for Flower's own "
+            "local Ray",
+        ),
+        (
+            ["simulation.ray_address=127.0.0.1:6379", "simulation.num_cpus=2"],
+            "error: simulation.num_cpus=2 sizes Flower's own Ray, but "
+            "simulation.ray_address=127.0.0.1:6379 uses a running cluster, whose "
+            "size is its nodes'; set simulation.num_cpus=null",
+        ),
+        (
+            ["simulation.ray_address=127.0.0.1:{port}"],
+            "error: simulation.ray_address=127.0.0.1:{port}: no Ray cluster answers "
+            "there (Connection refused); start one with `ray start --head "
+            "--port={port}`, or set simulation.ray_address=null for Flower's own "
+            "local Ray",
+        ),
+    ],
+    ids=["not-host-port", "with-num-cpus", "nothing-listening"],
+)
+def test_a_ray_address_that_cannot_work_stops_the_run_first(
+    overrides: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port = str(free_port())  # nothing listens there
+    args = [o.replace("{port}", port) for o in overrides]
+    code, _, err = cli(monkeypatch, capsys, "run", *args, f"outputs_dir={tmp_path}")
+    assert code == 2
+    assert err.strip().splitlines() == [message.replace("{port}", port)]
+    assert not (tmp_path / "fedpneumo.db").exists()
