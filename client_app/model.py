@@ -1,11 +1,9 @@
 """Binary chest X-ray classifiers that map (B, 1, H, W) images to (B,) logits."""
 
 import math
-from functools import partial
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 MODEL_NAMES = ("cnn", "resnet18")
 NORM_NAMES = ("batch", "group", "none")
@@ -25,6 +23,9 @@ def build_model(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
     if name == "resnet18":
+        # torchvision takes seconds to import: only runs that use it pay.
+        from client_app.resnet import SmallResNet18
+
         return SmallResNet18(norm)
     return SmallCNN(width=width, dropout=dropout, norm=norm)
 
@@ -73,23 +74,6 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (B, 1, H, W) images to (B,) logits."""
         return self.head(self.features(x)).squeeze(-1)
-
-
-class SmallResNet18(ResNet):
-    """ResNet-18 for small 1-channel inputs: 3x3 stride-1 stem, no max-pool."""
-
-    def __init__(self, norm: str = "batch"):
-        super().__init__(
-            BasicBlock, [2, 2, 2, 2], num_classes=1, norm_layer=partial(make_norm, norm)
-        )
-        # At 28 px the ImageNet stem (7x7 stride 2 + pool) would leave 7x7 maps
-        self.conv1 = nn.Conv2d(1, 64, 3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.maxpool = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map (B, 1, H, W) images to (B,) logits."""
-        return super().forward(x).squeeze(-1)
 
 
 def count_parameters(model: nn.Module) -> int:

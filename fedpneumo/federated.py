@@ -355,19 +355,21 @@ def run_sessions(
 ) -> list[SessionOutcome]:
     """Run one session, or one per combination of a sweep, on one SuperLink."""
     combos = expand_sweep(overrides) if multirun else [list(overrides)]
-    for combo in combos:  # every combination valid before any creates a database
-        load_config(combo)
-    prepared = [(combo, *prepare(combo)) for combo in combos]
-    outcomes = []
-    cwd = Path.cwd()
-    _, cfg0, url0 = prepared[0]
+    # Every combination valid before any creates a database.
+    configs = [resolve_paths(load_config(combo)) for combo in combos]
+    cfg0 = configs[0]
+    url0 = database_url(cfg0) if cfg0.tracking.enable_db else ""
     # One SuperLink serves the whole sweep, with one environment.
-    if any(url != url0 for _, _, url in prepared):
+    if any(
+        (database_url(cfg) if cfg.tracking.enable_db else "") != url0 for cfg in configs
+    ):
         raise ConfigError("a sweep must use one tracking database (db.*)")
-    addresses = {cfg.simulation.ray_address for _, cfg, _ in prepared}
-    if len(addresses) > 1:
+    if len({cfg.simulation.ray_address for cfg in configs}) > 1:
         raise ConfigError("a sweep must use one Ray cluster (simulation.ray_address)")
-    with LocalSuperLink(launch_env(url0, cfg0), cwd, app_dir) as superlink:
+    outcomes = []
+    with LocalSuperLink(launch_env(url0, cfg0), Path.cwd(), app_dir) as superlink:
+        # Checked while the SuperLink starts: a failure stops it unused.
+        prepared = [(combo, *prepare(combo)) for combo in combos]
         for combo, cfg, url in prepared:
             run_config: dict[str, str | int] = {
                 "overrides": server_overrides(combo, cfg),

@@ -29,6 +29,30 @@ from fedpneumo.flower import (
 )
 
 CONNECTION = "fedpneumo-local"
+# What Flower needs of this project to run it: the app's config, its Hydra
+# configs and the packages its components import. `flwr run` walks the whole
+# folder it is given before filtering (the repository's .venv too: seconds).
+APP_FILES = (
+    "pyproject.toml",
+    "README.md",
+    "conf",
+    "server_app",
+    "client_app",
+    "persistence",
+)
+
+
+def lean_app(target: Path) -> Path:
+    """Copy this project's Flower app, and only it, to ``target``; return it."""
+    target.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in APP_FILES:
+        source = APP_DIR / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=ignore)
+        else:
+            shutil.copy2(source, target / name)
+    return target
 
 
 class LocalSuperLink:
@@ -44,9 +68,11 @@ class LocalSuperLink:
         self.home = Path(tempfile.mkdtemp(prefix="fedpneumo-flwr-"))
         self.port = free_port()
         self.cwd = cwd
-        self.app_dir = app_dir
+        # This project is submitted from a copy holding only the app's files.
+        self.app_dir = lean_app(self.home / "app") if app_dir == APP_DIR else app_dir
         self.env = flower_env(env, self.home)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready = False
         self.flwr_run_id: int | None = None
 
     def __enter__(self) -> LocalSuperLink:
@@ -56,11 +82,25 @@ class LocalSuperLink:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def address(self) -> str:
+        """Where the SuperLink listens."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        """The SuperLink's own log."""
+        return self.home / "superlink.log"
+
     def start(self) -> None:
-        """Start the SuperLink and wait until it answers."""
-        address = f"127.0.0.1:{self.port}"
+        """Start the SuperLink; ``submit`` waits until it answers.
+
+        Whatever the caller does meanwhile (checking the data and partitions)
+        overlaps the second or two the SuperLink takes to come up.
+        """
+        address = self.address
         write_connection(self.home, CONNECTION, address)
-        log_path = self.home / "superlink.log"
+        log_path = self.log_path
         self.proc = subprocess.Popen(
             [
                 flower_bin("flower-superlink"),
@@ -81,7 +121,12 @@ class LocalSuperLink:
             stdout=log_path.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        wait_healthy(address, self.proc, logfile=log_path)
+
+    def wait_ready(self) -> None:
+        """Block until the SuperLink answers (once)."""
+        if not self.ready:
+            wait_healthy(self.address, self.proc, logfile=self.log_path)
+            self.ready = True
 
     def submit(
         self,
@@ -90,6 +135,7 @@ class LocalSuperLink:
         on_line: Callable[[str], None],
     ) -> FlowerOutcome:
         """Run the app to its end with `flwr run --stream`; return Flower's verdict."""
+        self.wait_ready()
         args = run_args(self.app_dir, CONNECTION, run_config)
         args += ["--federation-config", federation_config]
 

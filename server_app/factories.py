@@ -7,17 +7,22 @@ config key means the same thing in a federated and a centralized run.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
 
-from client_app import model as models
 from client_app.data import XrayData, load_data
 from client_app.messages import TrainInstructions
 from client_app.partition import PartitionSpec, draw_partitions
-from client_app.trainer import TrainSettings
 from server_app.config import AppConfig, ConfigError, partition_seed
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from client_app.trainer import TrainSettings
+
+# torch is imported where a model or trainer is built, not here: the checks
+# before a run (data, partitions) need none of it, and it takes seconds.
 
 
 def configured_data(
@@ -47,11 +52,15 @@ def model_meta(cfg: AppConfig) -> dict[str, Any]:
 
 def build_model(cfg: AppConfig) -> nn.Module:
     """Build the configured network."""
+    from client_app import model as models
+
     return models.build_model(**model_spec(cfg))
 
 
 def train_settings(cfg: AppConfig, **overrides: Any) -> TrainSettings:
     """Build the trainer's settings for centralized training from the config."""
+    from client_app.trainer import TrainSettings
+
     t = cfg.train
     values: dict[str, Any] = {
         "epochs": t.epochs,
