@@ -1,6 +1,6 @@
 """``python -m benchmarks NAME [options]``: run a benchmark, then render BENCHMARKS.md.
 
-NAME is one of the modules in ``benchmarks.report.ORDER``, ``all`` (each in
+NAME is one of the modules in ``benchmarks.report.BENCHMARKS``, ``all`` (each in
 turn, with the same options) or ``report`` (render only).
 """
 
@@ -9,19 +9,19 @@ from __future__ import annotations
 import importlib
 import sys
 
-from benchmarks.report import ORDER
+from benchmarks.report import BENCHMARKS
 
 
 def main(argv: list[str]) -> int:
     """Run the named benchmark(s) and print their figures."""
-    valid = (*ORDER, "all", "report")
+    valid = (*BENCHMARKS, "all", "report")
     if not argv or argv[0] not in valid:
         sys.stderr.write(f"usage: python -m benchmarks {{{','.join(valid)}}} ...\n")
         return 2
     name, options = argv[0], argv[1:]
     if name == "all":
         # The GPU benchmark needs a GPU: run it by name on one.
-        names = [n for n in ORDER if n != "gpu"]
+        names = [n for n in BENCHMARKS if n != "gpu"]
     else:
         names = [] if name == "report" else [name]
     for each in names:

@@ -9,7 +9,12 @@ from typing import Any
 from benchmarks.common import RESULTS_DIR
 
 OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-ORDER = (
+# Result files, in the order BENCHMARKS.md shows them (a benchmark run with
+# --device cuda writes its own file, such as trainer_overhead_gpu).
+SECTIONS = (
+    "trainer_overhead",
+    "trainer_overhead_gpu",
+    "peer_overhead",
     "tracking_overhead",
     "framework_overhead",
     "write_throughput",
@@ -17,7 +22,12 @@ ORDER = (
     "quality",
     "gpu",
 )
+# The benchmark modules, in the order `python -m benchmarks all` runs them.
+BENCHMARKS = tuple(name for name in SECTIONS if not name.endswith("_gpu"))
 TITLES = {
+    "trainer_overhead": "0. Trainer overhead vs a minimal PyTorch loop (CPU)",
+    "trainer_overhead_gpu": "0b. Trainer overhead vs a minimal PyTorch loop (GPU)",
+    "peer_overhead": "0c. fedpneumo run vs a minimal Flower app without tracking",
     "tracking_overhead": "1. Tracking overhead",
     "framework_overhead": "2. Framework overhead vs centralized",
     "write_throughput": "3. Write throughput",
@@ -144,7 +154,7 @@ def render() -> str:
         "ratios are measured inside one run, alternating the settings compared.",
         "",
     ]
-    for name in ORDER:
+    for name in SECTIONS:
         path = RESULTS_DIR / f"{name}.json"
         if path.exists():
             lines += section(json.loads(path.read_text()))
