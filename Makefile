@@ -41,6 +41,7 @@ format: install
 
 DATA ?= ../shared/data/pneumoniamnist.npz
 bench: install ## All CPU benchmarks on DATA; figures go to BENCHMARKS.md
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks all --data $(DATA) $(ARGS)
 
 clean:

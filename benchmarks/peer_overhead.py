@@ -31,10 +31,57 @@ PEER_APP = Path(__file__).resolve().parent / "peer_app"
 ROUND_LINE = "peer-round "
 
 
+def round_breakdown(url: str, run_id: int, slots: int) -> dict[str, list[float]]:
+    """Where each round's time went, from the run's own rows.
+
+    Client training is the clients' summed epoch seconds over the Ray slots
+    that ran them side by side; server evaluation is its eval_seconds; the
+    rest is Flower's messaging, the hospitals' evaluation and tracking.
+    """
+    from sqlalchemy import func, select
+
+    from persistence.db import get_engine, session_scope
+    from persistence.models import RunMetric, ServerEvaluation
+
+    with session_scope(get_engine(url)) as db:
+        train = dict(
+            db.execute(
+                select(RunMetric.round_number, func.sum(RunMetric.metric_value))
+                .where(
+                    RunMetric.run_id == run_id,
+                    RunMetric.client_id.is_not(None),
+                    RunMetric.metric_name == "epoch_seconds",
+                )
+                .group_by(RunMetric.round_number)
+            ).all()
+        )
+        evals = db.execute(
+            select(
+                ServerEvaluation.round_number,
+                ServerEvaluation.eval_seconds,
+                ServerEvaluation.evaluation_time,
+            )
+            .where(ServerEvaluation.run_id == run_id)
+            .order_by(ServerEvaluation.round_number)
+        ).all()
+    parts: dict[str, list[float]] = {"client_training": [], "server_evaluation": []}
+    parts["messaging_hospital_evaluation_tracking"] = []
+    # Steady rounds: from round 2 on (round 1 includes the clients' start-up).
+    for before, now in zip(evals[1:], evals[2:], strict=False):
+        wall = (now.evaluation_time - before.evaluation_time).total_seconds()
+        training = train.get(now.round_number, 0.0) / slots
+        parts["client_training"].append(training)
+        parts["server_evaluation"].append(now.eval_seconds or 0.0)
+        parts["messaging_hospital_evaluation_tracking"].append(
+            wall - training - (now.eval_seconds or 0.0)
+        )
+    return parts
+
+
 def run_fedpneumo(
     data: str, rounds: int, clients: int, out: Path
-) -> tuple[float, list[float]]:
-    """Run `fedpneumo run`; return its wall seconds and steady round seconds."""
+) -> tuple[float, list[float], dict[str, list[float]]]:
+    """Run `fedpneumo run`; return wall seconds, steady rounds and their parts."""
     from sqlalchemy import select
 
     from persistence.db import dispose_engines, get_engine, session_scope
@@ -66,9 +113,11 @@ def run_fedpneumo(
             .where(ServerEvaluation.run_id == run_id)
             .order_by(ServerEvaluation.round_number)
         ).all()
+    # One Ray slot per CPU core: simulation.client_num_cpus is 1.
+    parts = round_breakdown(url, run_id, os.cpu_count() or 1)
     dispose_engines()
     times = [t.timestamp() for t in stamps]
-    return wall, steady(times)
+    return wall, steady(times), parts
 
 
 def run_peer(data: str, rounds: int, clients: int) -> tuple[float, list[float]]:
@@ -136,15 +185,18 @@ def main(argv: list[str] | None = None) -> dict:
     data = str(Path(args.data).resolve())
     walls: dict[str, list[float]] = {"fedpneumo": [], "peer": []}
     rounds: dict[str, list[float]] = {"fedpneumo": [], "peer": []}
+    parts: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             order = ("fedpneumo", "peer") if repeat % 2 == 0 else ("peer", "fedpneumo")
             for side in order:
                 if side == "fedpneumo":
                     out = Path(tmp) / f"run{repeat}"
-                    wall, steady_rounds = run_fedpneumo(
+                    wall, steady_rounds, split = run_fedpneumo(
                         data, args.rounds, args.clients, out
                     )
+                    for part, values in split.items():
+                        parts.setdefault(part, []).extend(values)
                 else:
                     wall, steady_rounds = run_peer(data, args.rounds, args.clients)
                 walls[side].append(wall)
@@ -165,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
         "fedpneumo_round_seconds": summarize(rounds["fedpneumo"]),
         "peer_round_seconds": summarize(rounds["peer"]),
         "ratio_round_fedpneumo_peer": summarize(round_ratios),
+        "fedpneumo_round_parts_seconds": {
+            part: summarize(values) for part, values in parts.items() if values
+        },
         "config": f"{args.clients} clients, {args.rounds} rounds, full data, cnn, "
         "1 local epoch, Dirichlet(0.5), no augmentation; each side a whole "
         f"command, {args.repeats} alternating repeats",

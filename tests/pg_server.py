@@ -45,7 +45,10 @@ class ThrowawayPostgres:
     PostgreSQL refuses to run as root. Superuser and password are random.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        # Tests trade durability for speed; benchmarks ask for PostgreSQL's
+        # defaults (fsync, synchronous commit, full page writes all on).
+        self.durable = durable
         self.bin = find_pg_bin()
         self.port = free_port()
         self.password = secrets.token_urlsafe(12)
@@ -98,9 +101,10 @@ class ThrowawayPostgres:
         """Start (or restart) the server and wait until it accepts connections."""
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=300"
         )
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(
             [
                 str(self.bin / "pg_ctl"),
