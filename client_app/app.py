@@ -11,10 +11,13 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from client_app.data import Split
 from client_app.messages import (
@@ -36,7 +39,29 @@ from persistence.errors import InputError
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+
+def privacy_mod(
+    msg: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """Clip this client's update with Flower's mod when the run asks for it.
+
+    ``privacy=client_fixed`` / ``client_adaptive`` runs get Flower's
+    ``fixedclipping_mod`` / ``adaptiveclipping_mod`` on their train messages
+    (the server's DP wrapper sends the clipping norm); every other message
+    passes through untouched.
+    """
+    if msg.metadata.message_type == MessageType.TRAIN:
+        mod = CLIPPING_MODS.get(str(msg.content["config"].get("privacy", "none")))
+        if mod is not None:
+            return mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+CLIPPING_MODS = {
+    "client_fixed": fixedclipping_mod,
+    "client_adaptive": adaptiveclipping_mod,
+}
+app = ClientApp(mods=[privacy_mod])
 
 
 def _direct_url(ins: TrainInstructions) -> str:

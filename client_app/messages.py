@@ -68,6 +68,9 @@ class TrainInstructions:
     client_writes: str
     enable_db: bool
     db_url: str  # "" = the client's own DATABASE_URL (never a password here)
+    # privacy.mode: client_fixed / client_adaptive make the client clip its
+    # update with Flower's mod (the server sends the clipping norm).
+    privacy: str
 
     def to_config(self) -> dict[str, Any]:
         """Return the record contents."""

@@ -18,6 +18,7 @@ from persistence.models import (
     Client,
     ClientEvaluation,
     ClientFailure,
+    PrivacySpent,
     Run,
     RunMetric,
     ServerEvaluation,
@@ -33,6 +34,7 @@ EXPORT_TABLES: dict[str, type[Base]] = {
     "client_failures": ClientFailure,
     "client_evaluations": ClientEvaluation,
     "test_evaluations": TestEvaluation,
+    "privacy_spent": PrivacySpent,
 }
 
 
@@ -89,6 +91,7 @@ def json_text(tables: dict[str, list[dict[str, Any]]]) -> str:
         "client_failures": tables["client_failures"],
         "client_evaluations": tables["client_evaluations"],
         "test_evaluations": tables["test_evaluations"],
+        "privacy_spent": tables["privacy_spent"],
     }
     return json.dumps(document, indent=2) + "\n"
 

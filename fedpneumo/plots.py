@@ -177,6 +177,31 @@ def _draw_hospital_panel(ax: Axes, runs: Sequence[RunReport]) -> None:
     ax.set_ylabel("hospital AUROC")
 
 
+def _draw_privacy_panel(ax: Axes, runs: Sequence[RunReport]) -> None:
+    """Val AUROC of each released round against the epsilon spent by then.
+
+    Its x axis is epsilon, not rounds: the shared axis is swapped for its own.
+    """
+    figure = ax.figure
+    ax.remove()
+    ax = figure.add_subplot(3, 2, 6)
+    for i, run in enumerate(runs):
+        points = [(e, p.auroc) for p in run.curve if (e := run.epsilons.get(p.step))]
+        if points:
+            ax.plot(
+                [e for e, _ in points],
+                [_nan(a) for _, a in points],
+                color=f"C{i % 10}",
+                marker="o",
+                markersize=3,
+                linewidth=1.8,
+            )
+    ax.set_title("Validation AUROC against privacy spent (epsilon)")
+    ax.set_xlabel("epsilon (cumulative, at the run's delta)")
+    ax.set_ylabel("val AUROC")
+    ax.grid(True, alpha=0.3)
+
+
 def make_figure(
     runs: Sequence[RunReport], clients: Mapping[int, Sequence[ClientReport]]
 ) -> Figure:
@@ -187,9 +212,12 @@ def make_figure(
     _draw_server_panels(axes[:3], runs)
     _draw_client_panel(axes[3], runs, clients)
     _draw_hospital_panel(axes[4], runs)
-    axes[5].set_visible(False)
-    axes = axes[:5]
-    for ax in axes:
+    private = [r for r in runs if r.epsilons]
+    if private:
+        _draw_privacy_panel(axes[5], runs)
+    else:
+        axes[5].set_visible(False)
+    for ax in axes[:5]:
         ax.tick_params(labelbottom=True)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)

@@ -26,6 +26,7 @@ from persistence.models import (
     ClientEvaluation,
     ClientFailure,
     Experiment,
+    PrivacySpent,
     Run,
     RunMetric,
     RunStatus,
@@ -160,6 +161,18 @@ class RunReport:
     # Per-hospital scores of the global model, by round (federated runs).
     hospitals: dict[int, list[HospitalScore]] = field(default_factory=dict)
     test: TestScore | None = None
+    # Cumulative epsilon after each released round (private runs only).
+    epsilons: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def final_epsilon(self) -> float | None:
+        """Return the privacy budget spent by the end (None: not private)."""
+        return self.epsilons[max(self.epsilons)] if self.epsilons else None
+
+    @property
+    def privacy(self) -> str | None:
+        """Return the run's privacy mode, or None for a non-private run."""
+        return self.columns.get("privacy")
 
     @property
     def config(self) -> dict[str, Any]:
@@ -271,15 +284,32 @@ def load_runs(
     curves = load_curves(session, runs)
     hospitals = load_hospital_scores(session, [r.id for r in runs])
     tests = load_test_scores(session, [r.id for r in runs])
+    epsilons = load_epsilons(session, [r.id for r in runs])
     return [
         _report(
             *found[i],
             curves.get(i, []),
             hospitals=hospitals.get(i, {}),
             test=tests.get(i),
+            epsilons=epsilons.get(i, {}),
         )
         for i in order
     ]
+
+
+def load_epsilons(
+    session: Session, run_ids: Sequence[int]
+) -> dict[int, dict[int, float]]:
+    """Return each private run's cumulative epsilon by round."""
+    rows = session.execute(
+        select(PrivacySpent.run_id, PrivacySpent.round_number, PrivacySpent.epsilon)
+        .where(PrivacySpent.run_id.in_(run_ids))
+        .order_by(PrivacySpent.round_number)
+    )
+    result: dict[int, dict[int, float]] = defaultdict(dict)
+    for run_id, round_number, epsilon in rows:
+        result[run_id][round_number] = epsilon
+    return dict(result)
 
 
 def _ratio(numerator: int | None, denominator: int) -> float | None:
@@ -356,6 +386,7 @@ def _report(
     *,
     hospitals: dict[int, list[HospitalScore]],
     test: TestScore | None,
+    epsilons: dict[int, float],
 ) -> RunReport:
     stale = is_stale(run)
     if run.end_time is not None:
@@ -381,6 +412,7 @@ def _report(
         columns=row_dict(run),
         hospitals=hospitals,
         test=test,
+        epsilons=epsilons,
     )
 
 

@@ -16,6 +16,7 @@ from fedpneumo.tables import (
     clients_table,
     curve_table,
     details_table,
+    epsilon_cell,
     failures_table,
     fmt_duration,
     fmt_rounds,
@@ -23,6 +24,7 @@ from fedpneumo.tables import (
     make_console,
     mode_cell,
     point_cell,
+    privacy_line,
     spread_line,
     step_name,
     test_line,
@@ -104,7 +106,7 @@ def list_runs(
     table = Table(title=f"runs in {mask_url(url)}")
     for name in ("id", "experiment", "mode", "strategy", "partition", "status"):
         table.add_column(name)
-    for name in ("rounds", "best val AUROC", "accuracy", "at", "duration"):
+    for name in ("rounds", "best val AUROC", "accuracy", "at", "epsilon", "duration"):
         table.add_column(name, justify="right")
     for r in reports:
         best = r.best
@@ -119,6 +121,7 @@ def list_runs(
             point_cell(best, "auroc"),
             point_cell(best, "accuracy"),
             "-" if best is None else f"{step_name(r)} {best.step}",
+            "" if r.final_epsilon is None else epsilon_cell(r.final_epsilon),
             fmt_duration(r.duration_s),
         )
     console.print(table)
@@ -150,6 +153,9 @@ def show(
     else:
         console.print("no config recorded")
     console.print(curve_table(report))
+    line = privacy_line(report)
+    if line:
+        console.print(line, markup=False)
     if report.mode == "federated":
         print_hospitals(console, report)
         console.print(clients_table(clients))
@@ -221,6 +227,7 @@ def compare(
         ("strategy", [r.strategy or "-" for r in reports]),
         ("partition", [r.partition or "-" for r in reports]),
         ("status", [r.status for r in reports]),
+        ("privacy", [r.privacy or "none" for r in reports]),
         ("rounds / epochs", [fmt_rounds(r) for r in reports]),
         ("duration", [fmt_duration(r.duration_s) for r in reports]),
     ]
@@ -242,6 +249,15 @@ def compare(
                 for r, p in zip(reports, points, strict=True)
             ]
             rows.append((f"worst hospital {header} ({which} round)", cells))
+    rows.append(
+        (
+            "final epsilon",
+            [
+                "" if r.final_epsilon is None else epsilon_cell(r.final_epsilon)
+                for r in reports
+            ],
+        )
+    )
     # Scored once at the end on the test split, never used to pick anything.
     for key, header in (("auroc", "AUROC"), ("accuracy", "accuracy")):
         cells = [fmt(getattr(r.test, key)) if r.test else "-" for r in reports]
@@ -319,13 +335,13 @@ def export(
 
     JSON: one object {"run": {...}, "clients": [...], "server_evaluations":
     [...], "metrics": [...], "client_failures": [...], "client_evaluations":
-    [...], "test_evaluations": [...]}, each row with every column of its
-    table; times are ISO 8601 (UTC), NaN is null (is_nan says which); a
-    hospital's AUROC is null where its slice holds one class.
+    [...], "test_evaluations": [...], "privacy_spent": [...]}, each row with
+    every column of its table; times are ISO 8601 (UTC), NaN is null (is_nan
+    says which); a hospital's AUROC is null where its slice holds one class.
 
     CSV: one long table. The first column, "table", names each row's table
     (runs, clients, server_evaluations, run_metrics, client_failures,
-    client_evaluations, test_evaluations); the
+    client_evaluations, test_evaluations, privacy_spent); the
     other columns are the union of those tables' columns, in that order,
     empty where the row's table lacks the column or the value is NULL.
     Floats keep full precision, booleans are true/false, runs.config is JSON.

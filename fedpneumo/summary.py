@@ -130,9 +130,15 @@ def print_federated_summary(console: Console, outcome: Any) -> None:
 def _print_hospitals_and_test(console: Console, db: Any, run_id: int) -> None:
     """Print the worst hospital of the kept model's round and the test line."""
     from fedpneumo.reports import hospital_spread, load_runs
-    from fedpneumo.tables import spread_line, test_line
+    from fedpneumo.tables import privacy_line, spread_line, test_line
 
     (report,) = load_runs(db, [run_id])
+    line = privacy_line(report)
+    if line:
+        console.print(line, markup=False)
+    stop = report.columns.get("stop_reason")
+    if stop:
+        console.print(f"stopped:    {stop}", markup=False)
     for point in (report.best, report.final):
         scores = report.hospitals.get(point.step) if point is not None else None
         if point is not None and scores:

@@ -116,6 +116,8 @@ def details_table(r: RunReport) -> Table:
         "outputs": c.get("outputs_path"),
         "checkpoint": c.get("checkpoint_path"),
         "final model": c.get("final_model_path"),
+        "privacy": c.get("privacy") or "none",
+        "stopped": c.get("stop_reason"),
         "error": c.get("error_message"),
     }
     for key, value in rows.items():
@@ -136,11 +138,36 @@ def curve_table(r: RunReport) -> Table:
         table.add_column(header, justify="right")
     # Marks the round/epoch of the highest val AUROC, the model a run keeps.
     table.add_column("best AUROC")
+    private = bool(r.epsilons)
+    if private:
+        table.add_column("epsilon", justify="right")
     best = r.best
     for p in r.curve:
         cells = [point_cell(p, key) for key, _ in CURVE_COLUMNS]
-        table.add_row(str(p.step), *cells, "*" if p is best else "")
+        cells.append("*" if p is best else "")
+        if private:
+            cells.append(epsilon_cell(r.epsilons.get(p.step)))
+        table.add_row(str(p.step), *cells)
     return table
+
+
+def epsilon_cell(epsilon: float | None) -> str:
+    """Format a spent privacy budget (``-`` where none was spent)."""
+    return "-" if epsilon is None else f"{epsilon:.4g}"
+
+
+def privacy_line(r: RunReport) -> str | None:
+    """Return the run's final epsilon and delta, or None for a non-private run."""
+    if not r.privacy:
+        return None
+    delta = (r.config.get("privacy") or {}).get("delta")
+    if r.final_epsilon is None:
+        return f"privacy: {r.privacy}, no round released yet (delta {delta})"
+    return (
+        f"privacy: {r.privacy}, final epsilon {r.final_epsilon:.4g} at delta "
+        f"{delta} after {len(r.epsilons)} released rounds (client-level, "
+        "add-or-remove-one neighbours, no amplification by sampling)"
+    )
 
 
 def clients_table(clients: list[ClientReport]) -> Table:

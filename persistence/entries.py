@@ -99,6 +99,19 @@ def score_on_test_entry(
     }
 
 
+def privacy_entry(
+    run_id: int, round_number: int, spent: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Return the entry of the privacy budget spent after a round."""
+    return {
+        "kind": "privacy_spent",
+        "batch_id": f"privacy_spent-{run_id}-{round_number}",
+        "run_id": run_id,
+        "round_number": round_number,
+        "spent": dict(spent),
+    }
+
+
 def points_to_columns(points: list[MetricPoint]) -> dict[str, list[Any]]:
     """Pack metric points as parallel lists (JSON- and ConfigRecord-friendly).
 
@@ -178,6 +191,14 @@ def apply_entry(session: Any, entry: Mapping[str, Any]) -> int:
             run_id=entry["run_id"],
             round_number=entry["round_number"],
             metrics={k: float(v) for k, v in entry["metrics"].items()},
+        )
+        return int(stored)
+    if kind == "privacy_spent":
+        stored = repo.add_privacy_spent(
+            session,
+            run_id=entry["run_id"],
+            round_number=entry["round_number"],
+            spent=entry["spent"],
         )
         return int(stored)
     if kind == "client_failure":
@@ -279,6 +300,11 @@ _ENTRY_FIELDS: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
         "round_number": (True, (int,)),
         "metrics": (True, (dict,)),
     },
+    "privacy_spent": {
+        "run_id": _RUN_ID,
+        "round_number": (True, (int,)),
+        "spent": (True, (dict,)),
+    },
     "client_failure": {
         "run_id": _RUN_ID,
         "round_number": (True, (int,)),
@@ -346,6 +372,8 @@ def check_entry(entry: Any) -> None:
                 ) from None
     elif kind in ("server_evaluation", "test_evaluation"):
         _check_metrics("metrics", entry["metrics"])
+    elif kind == "privacy_spent":
+        _check_metrics("spent", entry["spent"])
     elif kind == "client_evaluations":
         for i, score in enumerate(entry["scores"]):
             _check_score(f"scores[{i}]", score)

@@ -115,6 +115,10 @@ class Run(Base):
     # Flower's run id is a random uint64, wider than BIGINT: stored as text.
     flwr_run_id: Mapped[str | None] = mapped_column(String(20))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # Why a completed run stopped before num_rounds (its privacy budget).
+    stop_reason: Mapped[str | None] = mapped_column(Text)
+    # Differential privacy mode of a federated run (privacy.mode), NULL = none.
+    privacy: Mapped[str | None] = mapped_column(String(32))
     outputs_path: Mapped[str | None] = mapped_column(Text)
     checkpoint_path: Mapped[str | None] = mapped_column(Text)
     final_model_path: Mapped[str | None] = mapped_column(Text)
@@ -351,4 +355,42 @@ class TestEvaluation(EvaluationScores, Base):
         return (
             f"TestEvaluation(run_id={self.run_id}, round={self.round_number}, "
             f"auroc={self.auroc})"
+        )
+
+
+class PrivacySpent(Base):
+    """The privacy budget a run has spent after a round (client-level DP).
+
+    Cumulative epsilon at the run's delta after the round's release, from
+    Flower's RDP accountant; a round whose update was not released (skipped)
+    has no row.
+    """
+
+    __tablename__ = "privacy_spent"
+    __table_args__ = (
+        UniqueConstraint("run_id", "round_number", name="uq_privacy_spent_round"),
+        CheckConstraint("epsilon >= 0", name="epsilon_non_negative"),
+        CheckConstraint("delta > 0 AND delta < 1", name="delta_range"),
+        *non_negative("round_number", "releases"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), index=True
+    )
+    round_number: Mapped[int] = mapped_column(Integer)
+    epsilon: Mapped[float] = mapped_column(Float(53))
+    delta: Mapped[float] = mapped_column(Float(53))
+    # Private releases composed so far (rounds that produced a global model).
+    releases: Mapped[int] = mapped_column(Integer)
+    noise_multiplier: Mapped[float] = mapped_column(Float(53))
+    # The clipping norm of the round (it changes per round with adaptive clipping).
+    clipping_norm: Mapped[float | None] = mapped_column(Float(53))
+    sampled_clients: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return (
+            f"PrivacySpent(run_id={self.run_id}, round={self.round_number}, "
+            f"epsilon={self.epsilon})"
         )

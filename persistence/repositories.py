@@ -24,6 +24,7 @@ from persistence.models import (
     ClientEvaluation,
     ClientFailure,
     Experiment,
+    PrivacySpent,
     Run,
     RunMetric,
     RunStatus,
@@ -384,13 +385,38 @@ def add_test_evaluation(
     return session.execute(stmt.returning(TestEvaluation.id)).first() is not None
 
 
+PRIVACY_FIELDS = (
+    "epsilon",
+    "delta",
+    "releases",
+    "noise_multiplier",
+    "clipping_norm",
+    "sampled_clients",
+)
+
+
+def add_privacy_spent(
+    session: Session, *, run_id: int, round_number: int, spent: Mapping[str, Any]
+) -> bool:
+    """Store the budget spent after a round; return False if already stored."""
+    stmt: Insert = _insert(session, PrivacySpent).values(
+        run_id=run_id,
+        round_number=round_number,
+        created_at=utcnow(),
+        **{key: spent.get(key) for key in PRIVACY_FIELDS},
+    )
+    stmt = stmt.on_conflict_do_nothing(index_elements=["run_id", "round_number"])
+    return session.execute(stmt.returning(PrivacySpent.id)).first() is not None
+
+
 def delete_rounds_after(session: Session, *, run_id: int, round_number: int) -> int:
     """Delete a run's rows after a round (the unfinished tail of a run).
 
     The end-of-run test score goes too: the resumed run scores its own.
     """
     deleted = 0
-    for model in (RunMetric, ServerEvaluation, ClientFailure, ClientEvaluation):
+    tables = (RunMetric, ServerEvaluation, ClientFailure, ClientEvaluation)
+    for model in (*tables, PrivacySpent):
         result = session.execute(
             delete(model).where(
                 model.run_id == run_id, model.round_number > round_number

@@ -23,6 +23,17 @@ class StrategyName(StrEnum):
     krum = "krum"
     multikrum = "multikrum"
     bulyan = "bulyan"
+    qfedavg = "qfedavg"
+
+
+class PrivacyMode(StrEnum):
+    """Differential privacy: none, or one of Flower's four DP strategy wrappers."""
+
+    none = "none"
+    server_fixed = "server_fixed"
+    server_adaptive = "server_adaptive"
+    client_fixed = "client_fixed"
+    client_adaptive = "client_adaptive"
 
 
 class PartitionName(StrEnum):

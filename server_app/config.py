@@ -27,6 +27,7 @@ from server_app.choices import (
     Norm,
     Optimizer,
     PartitionName,
+    PrivacyMode,
     StrategyName,
 )
 
@@ -182,6 +183,27 @@ class EvaluationConfig:
 
 
 @dataclass
+class PrivacySettings:
+    """Differential privacy of the model updates: one of Flower's DP wrappers.
+
+    The fixed modes use ``clipping_norm``; the adaptive ones the
+    ``initial_clipping_norm`` .. ``clipped_count_stddev`` keys. ``delta``
+    null = the largest power of ten below 1 / training images (stored in the
+    run's config); ``max_epsilon`` null = no budget.
+    """
+
+    mode: PrivacyMode = PrivacyMode.none
+    noise_multiplier: float = bounded(1.0, gt=0)
+    clipping_norm: float = bounded(1.0, gt=0)
+    initial_clipping_norm: float = bounded(0.1, gt=0)
+    target_clipped_quantile: float = bounded(0.5, ge=0, le=1)
+    clip_norm_lr: float = bounded(0.2, gt=0)
+    clipped_count_stddev: float | None = bounded(None, gt=0)
+    delta: float | None = bounded(None, gt=0, lt=1)
+    max_epsilon: float | None = bounded(None, gt=0)
+
+
+@dataclass
 class AppConfig:
     """The whole, validated experiment configuration."""
 
@@ -199,6 +221,7 @@ class AppConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
 
 def register_schema() -> None:
@@ -325,6 +348,16 @@ def check_rules(cfg: AppConfig) -> None:
         check_strategy_param(key, value)
 
 
+def check_qfedavg(cfg: AppConfig) -> None:
+    """Check that QFedAvg gets a model it can update (float arrays only)."""
+    if cfg.strategy.name == StrategyName.qfedavg and cfg.model.norm == Norm.batch:
+        raise ConfigError(
+            "strategy=qfedavg with model.norm=batch: Flower's QFedAvg updates every "
+            "array in place as floats, and BatchNorm's step counter is an integer; "
+            "use model.norm=group (qfedavg's default) or none"
+        )
+
+
 def check_bulyan(cfg: AppConfig) -> None:
     """Check that Bulyan gets the 4 x num_malicious_nodes + 3 replies it needs.
 
@@ -333,9 +366,7 @@ def check_bulyan(cfg: AppConfig) -> None:
     """
     if cfg.strategy.name != StrategyName.bulyan:
         return
-    sampled = max(
-        1, math.ceil(cfg.strategy.fraction_train * cfg.simulation.num_supernodes)
-    )
+    sampled = sampled_clients(cfg)
     need = 4 * int(cfg.strategy.params.get("num_malicious_nodes", 0)) + 3
     if sampled < need:
         raise ConfigError(
@@ -370,12 +401,71 @@ def ray_address(cfg: AppConfig) -> tuple[str, int] | None:
     return match["host"], int(match["port"])
 
 
+def sampled_clients(cfg: AppConfig, num_nodes: int | None = None) -> int:
+    """Return how many clients train each round (strategy.fraction_train).
+
+    Of ``num_nodes`` connected ones, by default the configured federation.
+    """
+    nodes = cfg.simulation.num_supernodes if num_nodes is None else num_nodes
+    return max(1, math.ceil(cfg.strategy.fraction_train * nodes))
+
+
+def check_privacy(cfg: AppConfig) -> None:
+    """Check the privacy settings against what Flower's DP wrappers accept."""
+    p = cfg.privacy
+    if p.mode == PrivacyMode.none:
+        if p.max_epsilon is not None:
+            raise ConfigError(
+                f"privacy.max_epsilon={p.max_epsilon:g} needs a privacy mode; add "
+                "privacy=server_fixed (or client_fixed, server_adaptive, "
+                "client_adaptive)"
+            )
+        return
+    if cfg.model.norm == Norm.batch:
+        raise ConfigError(
+            f"privacy={p.mode} with model.norm=batch: BatchNorm's running "
+            "statistics are averaged like weights, and DP noise on them breaks the "
+            "model; use model.norm=group (the privacy modes' default) or none"
+        )
+    from flwr.serverapp.strategy import FedAvg
+
+    cls = strategy_class(cfg.strategy.name)
+    # Flower's accountant takes the DP noise to cover a plain (uniform) mean
+    # of the clipped updates: FedAvg's own aggregation, nothing robust.
+    if cls.aggregate_train is not FedAvg.aggregate_train:
+        raise ConfigError(
+            f"privacy={p.mode} cannot wrap strategy={cfg.strategy.name}: Flower's "
+            "privacy accounting needs FedAvg's plain averaging of the clipped "
+            f"updates, and {cls.__name__} aggregates otherwise; use "
+            "strategy=fedavg or strategy=fedprox, or privacy=none"
+        )
+    if p.mode in (PrivacyMode.server_adaptive, PrivacyMode.client_adaptive):
+        from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+        sampled = sampled_clients(cfg)
+        try:
+            compute_adaptive_noise_params(
+                p.noise_multiplier, sampled, p.clipped_count_stddev
+            )
+        except ValueError:
+            stddev = p.clipped_count_stddev or sampled / 20
+            raise ConfigError(
+                f"privacy.noise_multiplier={p.noise_multiplier:g} with "
+                f"privacy.clipped_count_stddev={stddev:g} (null = {sampled} sampled "
+                "clients / 20): adaptive clipping needs clipped_count_stddev above "
+                f"noise_multiplier / 2 = {p.noise_multiplier / 2:g}; raise "
+                "privacy.clipped_count_stddev or lower privacy.noise_multiplier"
+            ) from None
+
+
 def validate(cfg: AppConfig) -> None:
     """Check value ranges and the cross-key rules that types cannot express."""
     check_values(cfg)
     check_rules(cfg)
     check_bulyan(cfg)
+    check_qfedavg(cfg)
     ray_address(cfg)
+    check_privacy(cfg)
 
 
 def partition_seed(cfg: AppConfig) -> int:

@@ -50,6 +50,8 @@ class ServerEvaluator:
         self.best_auroc = best_auroc
         self.strategy: Any = None
         self.history: dict[int, dict[str, float]] = {}
+        # The last global model evaluated: the final one when a run stops early.
+        self.last_arrays: ArrayRecord | None = None
         # The last round scored, its metrics and seconds (see ``score``).
         self._scored: tuple[int, dict[str, float], float] | None = None
 
@@ -73,6 +75,7 @@ class ServerEvaluator:
             return None  # the initial model was evaluated before the resume
         # self.model holds this round's weights from here on (score loaded them).
         metrics = self.score(server_round, arrays)
+        self.last_arrays = arrays
         assert self._scored is not None
         seconds = self._scored[2]
         self.history[round_number] = metrics

@@ -117,6 +117,7 @@ def instructions(
         client_writes=str(cfg.tracking.client_writes),
         enable_db=cfg.tracking.enable_db,
         db_url=no_secret_url,
+        privacy=str(cfg.privacy.mode),
     )
 
 

@@ -26,6 +26,7 @@ from client_app.trainer import pos_weight_from_counts, seed_everything
 from persistence.db import mask_url, upgrade_database
 from persistence.errors import FailedRunError
 from persistence.models import RunStatus
+from server_app.choices import PrivacyMode
 from server_app.compose import database_url, load_config, resolve_paths
 from server_app.config import AppConfig, ConfigError, partition_label
 from server_app.evaluate import ServerEvaluator
@@ -35,6 +36,12 @@ from server_app.factories import (
     configured_data,
     instructions,
     model_meta,
+)
+from server_app.privacy import (
+    PrivacyBudgetReached,
+    PrivacyLedger,
+    default_delta,
+    wrap,
 )
 from server_app.recorder import RunRecorder, concise_reason
 from server_app.resources import check_outputs
@@ -138,6 +145,9 @@ def run_session(grid: Grid, context: Context) -> None:
     """Run one federated session against exactly one Run row."""
     setup_logging()
     cfg, url, state, data = prepare_session(context)
+    if cfg.privacy.mode != PrivacyMode.none and cfg.privacy.delta is None:
+        # Stated in the run's config snapshot, so the epsilon is reproducible.
+        cfg.privacy.delta = default_delta(len(data.split("train")))
     num_nodes = wait_for_nodes(grid, cfg.simulation.num_supernodes)
     resume_id = int(context.run_config.get("resume-run-id", 0))
     if url and resume_id:
@@ -235,6 +245,12 @@ def _train(
     if offset >= cfg.num_rounds:
         return  # every round ran before: nothing to train, the run completes
     strategy = make_strategy(cfg, num_nodes)
+    runner = wrap(cfg, strategy, strategy.min_train_nodes)
+    privacy = (
+        PrivacyLedger(cfg.privacy, population=num_nodes)
+        if cfg.privacy.mode != PrivacyMode.none
+        else None
+    )
     evaluator = ServerEvaluator(
         cfg,
         model,
@@ -245,7 +261,7 @@ def _train(
         round_offset=offset,
         best_auroc=float(state.get("best_auroc", -math.inf)),
     )
-    evaluator.strategy = strategy
+    evaluator.strategy = runner
     strategy.attach(
         recorder,
         ins.to_config(),
@@ -254,18 +270,27 @@ def _train(
         lr_schedule=str(cfg.train.lr_schedule),
         num_rounds=cfg.num_rounds,
         evaluator=evaluator,
+        privacy=privacy,
     )
     if state.get("strategy_state"):
-        strategy.restore(state["strategy_state"])
-    result = strategy.start(
-        grid,
-        ArrayRecord(model.state_dict()),
-        num_rounds=cfg.num_rounds - offset,
-        timeout=ROUND_TIMEOUT_S,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=evaluator,
-    )
-    final = evaluator.save_final(result.arrays)
+        runner.restore(state["strategy_state"])
+    try:
+        result = runner.start(
+            grid,
+            ArrayRecord(model.state_dict()),
+            num_rounds=cfg.num_rounds - offset,
+            timeout=ROUND_TIMEOUT_S,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=evaluator,
+        )
+        final_arrays = result.arrays
+    except PrivacyBudgetReached as stop:
+        # The run is complete as far as its budget allows: not a failure.
+        log.info("federated run %d stopped: %s", recorder.run_id, stop)
+        recorder.update(stop_reason=str(stop))
+        assert evaluator.last_arrays is not None
+        final_arrays = evaluator.last_arrays
+    final = evaluator.save_final(final_arrays)
     recorder.update(final_model_path=str(final))
     evaluator.score_test(data.splits.get("test"))

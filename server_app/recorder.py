@@ -24,6 +24,7 @@ from persistence.entries import (
     EvaluationRecord,
     HospitalScore,
     MetricBatch,
+    privacy_entry,
     run_finish_entry,
     score_on_test_entry,
 )
@@ -137,6 +138,18 @@ class RunRecorder:
         """Store the end-of-run test score of the model kept from ``round_number``."""
         if self.writer:
             self.writer.write(score_on_test_entry(self.run_id, round_number, metrics))
+
+    def record_privacy(self, round_number: int, spent: Mapping[str, Any]) -> None:
+        """Store the privacy budget spent once a round's model is released."""
+        log.info(
+            "round %d: epsilon %.4f at delta %g after %d releases",
+            round_number,
+            spent["epsilon"],
+            spent["delta"],
+            spent["releases"],
+        )
+        if self.writer:
+            self.writer.write(privacy_entry(self.run_id, round_number, spent))
 
     def record_client_rows(
         self,

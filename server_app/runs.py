@@ -31,6 +31,7 @@ def open_run(cfg: AppConfig, url: str, context: Context, extra: dict[str, Any]) 
             num_rounds=cfg.num_rounds,
             config=snapshot(cfg, **extra),
             flwr_run_id=str(context.run_id),
+            privacy=None if cfg.privacy.mode == "none" else str(cfg.privacy.mode),
         )
         run.outputs_path = str(Path(cfg.outputs_dir) / "runs" / str(run.id))
         return run.id

@@ -28,8 +28,9 @@ from client_app.messages import (
 from client_app.trainer import lr_at
 from persistence.entries import HospitalScore
 from persistence.errors import FailedRunError
-from server_app.config import AppConfig, strategy_class
+from server_app.config import AppConfig, sampled_clients, strategy_class
 from server_app.evaluate import ServerEvaluator
+from server_app.privacy import PrivacyLedger
 from server_app.recorder import RunRecorder, concise_reason
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 # Cross-round state of Flower's strategies (FedOpt family, FedAvgM), saved in
 # round checkpoints so that a resumed run continues the same optimisation.
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
+# The privacy accountant's state in the same checkpoint: a resumed run goes
+# on spending from where the interrupted one stopped.
+PRIVACY_STATE = "privacy_accountant"
 
 
 class TooFewRepliesError(FailedRunError):
@@ -78,9 +82,12 @@ class TrackingMixin:
     min_success_fraction: float
     client_of_node: dict[int, str]
     sampled: int
-    evaluator: ServerEvaluator | None
+    evaluator: ServerEvaluator | None = None
+    privacy: PrivacyLedger | None = None
     # Hospitals evaluate every k-th round (set by make_strategy).
     evaluate_every: int = 1
+    # The round whose replies a DP wrapper has already recorded (see privacy.py).
+    accounted_round: int | None = None
     # Flower's own attribute (FedAvg): 0 turns federated evaluation off.
     fraction_evaluate: float
 
@@ -94,15 +101,18 @@ class TrackingMixin:
         lr_schedule: str = "constant",
         num_rounds: int = 1,
         evaluator: ServerEvaluator | None = None,
+        privacy: PrivacyLedger | None = None,
     ) -> None:
         """Connect the strategy to this run's recorder, settings and evaluator.
 
         ``evaluator`` scores the global model on val before the hospitals do,
         so they receive that round's threshold; without it, or with
-        ``fraction_evaluate`` 0, hospitals do not evaluate.
+        ``fraction_evaluate`` 0, hospitals do not evaluate. ``privacy`` checks
+        the budget before each round and accounts each released model.
         """
         self.recorder = recorder
         self.evaluator = evaluator
+        self.privacy = privacy
         self.train_settings = train_settings
         self.lr_schedule = lr_schedule
         self.num_rounds = num_rounds
@@ -129,14 +139,47 @@ class TrackingMixin:
         # Flower stamps its own round counter; clients must see the continued one.
         config["server-round"] = round_number
         self.sampled = len(messages)
+        if self.privacy is not None:
+            self.privacy.before_round(round_number, len(messages))
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record every reply (rows, failures), then aggregate as Flower does."""
+        """Record every reply (rows, failures), then aggregate as Flower does.
+
+        Under differential privacy every client weighs the same (Flower's
+        noise covers a uniform mean) and each released model is accounted.
+        """
         round_number = server_round + self.round_offset
         replies = list(replies)
+        if self.accounted_round == server_round:
+            ok = replies  # recorded by the DP wrapper before it clipped them
+        else:
+            ok = self.account_replies(server_round, replies)
+        self.accounted_round = None
+        if self.privacy is not None:
+            for message in ok:
+                next(iter(message.content.metric_records.values()))[NUM_EXAMPLES] = 1
+        arrays, metrics = super().aggregate_train(round_number, ok)  # type: ignore[misc]
+        if metrics is not None:
+            self.recorder.record_aggregate(round_number, dict(metrics))
+        if arrays is not None and self.privacy is not None:
+            spent = self.privacy.released(round_number)
+            self.recorder.record_privacy(round_number, self.privacy.row(spent))
+        return arrays, metrics
+
+    def account_replies(
+        self, server_round: int, replies: list[Message]
+    ) -> list[Message]:
+        """Record each reply's rows or failure; return the successful ones.
+
+        Raises:
+            TooFewRepliesError: fewer than strategy.min_success_fraction of the
+                sampled clients replied.
+        """
+        round_number = server_round + self.round_offset
+        self.accounted_round = server_round
         ok = [m for m in replies if not m.has_error()]
         for message in replies:
             if message.has_error():
@@ -162,10 +205,7 @@ class TrackingMixin:
                 f"round {round_number}: only {len(ok)} of {sampled} clients "
                 f"replied (need {needed}); failed: {'; '.join(failed)}"
             )
-        arrays, metrics = super().aggregate_train(round_number, ok)  # type: ignore[misc]
-        if metrics is not None:
-            self.recorder.record_aggregate(round_number, dict(metrics))
-        return arrays, metrics
+        return ok
 
     def _client_name(self, message: Message) -> str:
         node = message.metadata.src_node_id
@@ -251,15 +291,22 @@ class TrackingMixin:
         return super().aggregate_evaluate(round_number, replies)  # type: ignore[misc]
 
     def state(self) -> dict[str, Any]:
-        """Return the strategy's cross-round state (picklable)."""
-        return {
+        """Return the strategy's cross-round state (plain values and arrays)."""
+        state = {
             name: getattr(self, name)
             for name in STATE_ATTRIBUTES
             if getattr(self, name, None) is not None
         }
+        if self.privacy is not None:
+            state[PRIVACY_STATE] = self.privacy.state_dict()
+        return state
 
     def restore(self, state: dict[str, Any]) -> None:
         """Restore state saved by ``state``."""
+        state = dict(state)
+        accountant = state.pop(PRIVACY_STATE, None)
+        if accountant is not None and self.privacy is not None:
+            self.privacy.load_state_dict(accountant)
         for name, value in state.items():
             setattr(self, name, value)
 
@@ -268,7 +315,7 @@ def make_strategy(cfg: AppConfig, num_nodes: int) -> Any:
     """Instantiate the configured Flower strategy with tracking hooks."""
     base = strategy_class(cfg.strategy.name)
     tracked = type(f"Tracked{base.__name__}", (TrackingMixin, base), {})
-    sampled = max(1, math.ceil(cfg.strategy.fraction_train * num_nodes))
+    sampled = sampled_clients(cfg, num_nodes)
     evaluation = cfg.evaluation
     fraction_evaluate = evaluation.fraction if evaluation.federated else 0.0
     strategy = tracked(

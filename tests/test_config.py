@@ -49,6 +49,7 @@ def test_strategy_group_mirrors_flower() -> None:
             "fedyogi",
             "krum",
             "multikrum",
+            "qfedavg",
         ]
     )
 

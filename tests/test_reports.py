@@ -32,6 +32,7 @@ from persistence.models import (
     Client,
     ClientEvaluation,
     ClientFailure,
+    PrivacySpent,
     Run,
     RunMetric,
     ServerEvaluation,
@@ -47,6 +48,7 @@ EXPORTED = {
     "client_failures": ClientFailure,
     "client_evaluations": ClientEvaluation,
     "test_evaluations": TestEvaluation,
+    "privacy_spent": PrivacySpent,
 }
 
 
@@ -442,6 +444,7 @@ def test_export_json_round_trips(tracked: Tracked, tmp_path: Path) -> None:
             "client_failures": doc["client_failures"],
             "client_evaluations": doc["client_evaluations"],
             "test_evaluations": doc["test_evaluations"],
+            "privacy_spent": doc["privacy_spent"],
         }
         assert expected["run_metrics"] and expected["runs"][0].config
         for table, rows in expected.items():

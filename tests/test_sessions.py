@@ -44,7 +44,11 @@ NUM_NODES = 3
 
 
 def session(
-    tmp_path: Path, data_file: Path, *overrides: str, app: ClientApp = client_app
+    tmp_path: Path,
+    data_file: Path,
+    *overrides: str,
+    app: ClientApp = client_app,
+    grid: LoopbackGrid | None = None,
 ) -> str:
     """Run one whole session in-process; return the tracking database URL."""
     out = tmp_path / "out"
@@ -65,7 +69,7 @@ def session(
         run_config={"overrides": shlex.join(args), "resume-run-id": 0},
     )
     with serverapp_identity():
-        run_session(LoopbackGrid(app, NUM_NODES), context)
+        run_session(grid or LoopbackGrid(app, NUM_NODES), context)
     return f"sqlite:///{out / 'fedpneumo.db'}"
 
 

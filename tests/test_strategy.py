@@ -165,9 +165,9 @@ def tracked(
     return strategy, cfg
 
 
-def model_arrays(seed: int) -> ArrayRecord:
+def model_arrays(seed: int, norm: str = "batch") -> ArrayRecord:
     torch.manual_seed(seed)
-    return ArrayRecord(build_model("cnn", width=WIDTH).state_dict())
+    return ArrayRecord(build_model("cnn", width=WIDTH, norm=norm).state_dict())
 
 
 def train_reply(
@@ -178,13 +178,14 @@ def train_reply(
     num_examples: int = 20,
     last_epoch: dict[str, float] | None = None,
     relay: Sequence[MetricPoint] = (),
+    norm: str = "batch",
 ) -> Message:
     """A train reply exactly as client_app.app.train builds it."""
     if last_epoch is None:
         last_epoch = {k: 0.1 * (partition_id + 1) for k in REPLY_METRICS}
     content = RecordDict(
         {
-            "arrays": model_arrays(seed),
+            "arrays": model_arrays(seed, norm),
             "metrics": MetricRecord(reply_metrics(last_epoch, num_examples)),
             INFO_RECORD: ConfigRecord(
                 {
@@ -279,21 +280,22 @@ def test_make_strategy_subclasses_flowers_class(name: str) -> None:
 def test_a_round_through_every_strategy(
     name: str, recorder: RunRecorder, federation: Federation
 ) -> None:
-    strategy, _ = tracked(name, recorder)
-    initial = model_arrays(0)
+    strategy, cfg = tracked(name, recorder)
+    norm = str(cfg.model.norm)  # qfedavg's config takes GroupNorm
+    initial = model_arrays(0, norm)
     messages = configure(strategy, 1, initial, federation)
     assert sorted(m.metadata.dst_node_id for m in messages) == sorted(
         federation.node_ids
     )
     replies = [
-        train_reply(m, partition_of(federation, m), seed=10 + i)
+        train_reply(m, partition_of(federation, m), seed=10 + i, norm=norm)
         for i, m in enumerate(messages)
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
 
     assert arrays is not None and metrics is not None
     assert list(arrays.keys()) == list(initial.keys())
-    model = build_model("cnn", width=WIDTH)
+    model = build_model("cnn", width=WIDTH, norm=norm)
     model.load_state_dict(arrays.to_torch_state_dict())  # a usable global model
     assert set(metrics) == set(REPLY_METRICS)
     # Clients reported 0.1, 0.2 and 0.3: any robust or weighted mean lies within.
