@@ -17,6 +17,7 @@ from persistence.db import dispose_engines, get_engine, session_scope
 from persistence.models import (
     Client,
     ClientEvaluation,
+    PrivacySpent,
     Run,
     RunMetric,
     ServerEvaluation,
@@ -24,6 +25,7 @@ from persistence.models import (
 )
 from tests.conftest import REPO_ROOT, make_db_url, run_cli
 from tests.faults import fault_app
+from tests.test_privacy import expected_epsilons
 
 # Every test here starts Flower or trains: the e2e tier.
 pytestmark = pytest.mark.e2e
@@ -52,6 +54,7 @@ def assert_complete_run(
     run_id: int | None = None,
     *,
     test_split: bool = False,
+    private: bool = False,
 ) -> int:
     """Assert the rows one completed federated run must have; return its id.
 
@@ -116,6 +119,20 @@ def assert_complete_run(
             select(TestEvaluation).where(TestEvaluation.run_id == run.id)
         ).all()
         assert len(tests) == int(test_split)
+        # Private runs: Flower's accountant's epsilon after every round.
+        spent = s.scalars(
+            select(PrivacySpent)
+            .where(PrivacySpent.run_id == run.id)
+            .order_by(PrivacySpent.round_number)
+        ).all()
+        if private:
+            assert [p.round_number for p in spent] == list(range(1, rounds + 1))
+            delta = run.config["privacy"]["delta"]
+            want = expected_epsilons(1.0, clients, clients, delta, rounds)
+            assert [p.epsilon for p in spent] == pytest.approx(want, rel=1e-9)
+            assert all(0 < a < b for a, b in zip(want, want[1:], strict=False))
+        else:
+            assert spent == []
         if engine.dialect.name == "sqlite":
             assert s.execute(text("PRAGMA foreign_key_check")).all() == []
         return run.id
@@ -164,9 +181,12 @@ def postgres_session(
 ) -> Iterator[Session]:
     """The shared session on PostgreSQL (one run; the URL holds a password).
 
-    Its data has a test split, so the run ends with a test score.
+    Its data has a test split, so the run ends with a test score; it is
+    differentially private (server-side clipping), for three rounds.
     """
-    yield from run_session("postgres", request, data_with_test)
+    yield from run_session(
+        "postgres", request, data_with_test, "privacy=server_fixed", "num_rounds=3"
+    )
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
@@ -177,14 +197,16 @@ def test_federated_run_tracks_every_client_and_round(
     result = session.result
     assert result.returncode == 0, result.stderr[-3000:]
     assert "federated run" in result.stdout and "completed" in result.stdout
-    assert "round 2/2" in result.stderr  # progress lines off a terminal
     engine = get_engine(session.url)
     if backend == "postgres":
-        assert_complete_run(engine, clients=3, rounds=2, test_split=True)
+        assert "round 3/3" in result.stderr  # progress lines off a terminal
+        assert_complete_run(engine, clients=3, rounds=3, test_split=True, private=True)
+        assert "privacy: server_fixed, final epsilon " in result.stdout
         assert "test (scored once after training, never used for selection" in (
             result.stdout
         )
         return
+    assert "round 2/2" in result.stderr
     assert "worst hospital (round" in result.stdout
     assert "nothing is claimed about test" in result.stdout
     with session_scope(engine) as s:

@@ -15,11 +15,18 @@ from client_app.messages import REPLY_METRICS
 from fedpneumo.flower import kill_tree
 from fedpneumo.reports import is_stale
 from persistence.db import get_engine, session_scope
-from persistence.models import Client, ClientEvaluation, Run, ServerEvaluation
+from persistence.models import (
+    Client,
+    ClientEvaluation,
+    PrivacySpent,
+    Run,
+    ServerEvaluation,
+)
 from tests.conftest import run_cli
 from tests.mounts import fill, tmpfs
 from tests.pg_server import ThrowawayPostgres
 from tests.test_federated import PER_EPOCH, assert_complete_run
+from tests.test_privacy import expected_epsilons
 from tests.test_reliability import (
     SMALL,
     counts,
@@ -122,6 +129,8 @@ def test_killed_run_resumes_in_the_same_run(
     url = pg_server.create_database()
     out = tmp_path / "out"
     args = [f"data.path={data_file}", "data.limit=300", *SMALL, "num_rounds=4"]
+    # Private: the resumed run must spend exactly what an uninterrupted one does.
+    args.append("privacy=server_fixed")
     proc = start_run([*args, f"outputs_dir={out}"], {"DATABASE_URL": url})
     try:
         wait_for_round(url, 2, proc)
@@ -159,3 +168,14 @@ def test_killed_run_resumes_in_the_same_run(
     # kill went with the rest of the unfinished tail.
     assert len(hospital) == clients * 4
     assert {r for _, r in hospital} == {1, 2, 3, 4}
+    # The accountant went on from round 2's checkpoint: the same epsilons as
+    # an uninterrupted run (Flower's accountant fed 4 identical releases).
+    with session_scope(get_engine(url)) as s:
+        spent = s.execute(
+            select(
+                PrivacySpent.round_number, PrivacySpent.epsilon, PrivacySpent.releases
+            ).order_by(PrivacySpent.round_number)
+        ).all()
+    want = expected_epsilons(1.0, 3, 3, 1e-3, 4)
+    assert [(r, n) for r, _, n in spent] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert [e for _, e, _ in spent] == pytest.approx(want, rel=1e-9)

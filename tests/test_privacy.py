@@ -23,6 +23,7 @@ from client_app.data import load_data
 from persistence.db import dispose_engines, get_engine, session_scope
 from persistence.models import PrivacySpent, Run
 from server_app.privacy import default_delta
+from tests.conftest import run_cli
 from tests.loopback import LoopbackGrid
 from tests.test_sessions import NUM_NODES, session
 
@@ -154,3 +155,44 @@ def test_a_budget_ends_the_run_completed_before_the_round_that_would_exceed_it(
     assert "past privacy.max_epsilon=6" in run.stop_reason
     assert Path(run.final_model_path).is_file()
     dispose_engines()
+
+
+@pytest.mark.e2e
+def test_fedpneumo_run_stops_at_the_budget_completed_and_exits_zero(
+    tmp_path: Path, data_file: Path
+) -> None:
+    # 300 training images: delta 1e-3; 3 releases spend 7.00, a 4th 8.42.
+    out = tmp_path / "out"
+    result = run_cli(
+        "run",
+        f"data.path={data_file}",
+        "data.limit=300",
+        "model.width=8",
+        "simulation.num_supernodes=3",
+        "num_rounds=4",
+        "privacy=server_fixed",
+        "privacy.max_epsilon=7.5",
+        f"outputs_dir={out}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped:    privacy budget reached after round 3: round 4" in result.stdout
+    run, rows = spent_rows(f"sqlite:///{out / 'fedpneumo.db'}")
+    assert (run.status, run.rounds_completed) == ("completed", 3)
+    assert run.stop_reason.startswith("privacy budget reached after round 3")
+    # An epsilon for every round that ran, Flower's accountant's, under the limit.
+    delta = run.config["privacy"]["delta"]
+    assert delta == 1e-3
+    want = expected_epsilons(1.0, 3, 3, delta, 3)
+    assert [r.epsilon for r in rows] == pytest.approx(want, rel=1e-9)
+    assert 0 < want[0] < want[1] < want[2] <= 7.5
+    shown = runs_show(out, run.id)
+    assert f"final epsilon {want[-1]:.4g} at delta 0.001" in shown
+    dispose_engines()
+
+
+def runs_show(out: Path, run_id: int) -> str:
+    result = run_cli(
+        "runs", "show", str(run_id), "--db", f"sqlite:///{out / 'fedpneumo.db'}"
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
