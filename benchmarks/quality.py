@@ -23,8 +23,33 @@ PARTITIONS = {
     "dirichlet(0.1)": ["partition=dirichlet", "partition.alpha=0.1"],
 }
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+# Privacy/utility: FedAvg under Dirichlet(0.5), server-side fixed clipping at
+# three noise levels, and no privacy on the same GroupNorm model.
+PRIVACY_BASE = ["partition=dirichlet", "partition.alpha=0.5", "strategy=fedavg"]
+PRIVACY_CLIP = 0.1
+PRIVACY_ROWS = {
+    "none": ["model.norm=group"],
+    **{
+        f"server_fixed z={z:g}": [
+            "privacy=server_fixed",
+            f"privacy.noise_multiplier={z:g}",
+            f"privacy.clipping_norm={PRIVACY_CLIP:g}",
+        ]
+        for z in (0.5, 1.0, 2.0)
+    },
+}
+PRIVACY_PLOT = Path(__file__).resolve().parents[1] / "docs" / "privacy_utility.png"
 # Config sections that decide a trained model (a reused run must match them all).
-SHAPING_KEYS = ("seed", "num_rounds", "data", "model", "train", "partition", "strategy")
+SHAPING_KEYS = (
+    "seed",
+    "num_rounds",
+    "data",
+    "model",
+    "train",
+    "partition",
+    "strategy",
+    "privacy",
+)
 
 
 def has_test_split(path: str) -> bool:
@@ -154,11 +179,42 @@ def federated(
             "worst_hospital": worst[1],
             "hospitals_without_auroc": len(hospitals) - len(scored),
             "checkpoint": run.checkpoint_path,
+            "url": url,
         }
     if has_test_split(data):
         test = scores(row["checkpoint"], data, "test")
         row.update(test_auroc=test["auroc"], test_accuracy=test["accuracy"])
     return row
+
+
+def private_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Add the run's final epsilon and delta to a federated row."""
+    from sqlalchemy import select
+
+    from persistence.db import get_engine, session_scope
+    from persistence.models import PrivacySpent, Run
+
+    with session_scope(get_engine(row.pop("url"))) as db:
+        spent = db.scalars(
+            select(PrivacySpent)
+            .where(PrivacySpent.run_id == row["run_id"])
+            .order_by(PrivacySpent.round_number.desc())
+        ).first()
+        run = db.get_one(Run, row["run_id"])
+        row["privacy"] = run.privacy or "none"
+        row["final_epsilon"] = spent.epsilon if spent else None
+        row["delta"] = spent.delta if spent else None
+    return row
+
+
+def plot_privacy(run_ids: list[int], url: str) -> None:
+    """Draw the privacy/utility figure with the project's own `runs plot`."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "fedpneumo", "runs", "plot"]
+    command += [*map(str, run_ids), "-o", str(PRIVACY_PLOT), "--db", url]
+    subprocess.run(command, check=True)
 
 
 def reused_centralized_row(run: Any, url: str, data: str) -> dict[str, Any]:
@@ -246,12 +302,23 @@ def main(argv: list[str] | None = None) -> dict:
         table = {"centralized": centralized(base, data, args.reuse)}
         for pname, pargs in PARTITIONS.items():
             for strategy in STRATEGIES:
-                table[f"{strategy} {pname}"] = federated(
+                row = federated(
                     base, [*pargs, f"strategy={strategy}"], data, args.reuse
                 )
+                row.pop("url")
+                table[f"{strategy} {pname}"] = row
+        privacy = {
+            name: private_row(
+                federated(base, [*PRIVACY_BASE, *extra], data, args.reuse)
+            )
+            for name, extra in PRIVACY_ROWS.items()
+        }
+        url = f"sqlite:///{Path(out) / 'fedpneumo.db'}"
+        plot_privacy([row["run_id"] for row in privacy.values()], url)
     headline = table["fedavg dirichlet(0.5)"]
     figures = {
         "table": table,
+        "privacy_table": privacy,
         "config": f"+experiment={args.preset} (conf/experiment/{args.preset}.yaml), "
         "10 clients; centralized trains num_rounds x local_epochs epochs",
         "has_test_split": has_test_split(data),

@@ -62,7 +62,7 @@ def figures_table(figures: dict[str, Any], prefix: str = "") -> list[str]:
     """Flatten figures into table rows."""
     rows = []
     for key, value in figures.items():
-        if key in ("config", "table"):
+        if key in ("config", "table", "privacy_table"):
             continue
         name = f"{prefix}{key}"
         if isinstance(value, dict) and {"median", "min", "max"} <= value.keys():
@@ -112,6 +112,28 @@ def quality_table(table: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def privacy_table(table: dict[str, dict[str, Any]]) -> list[str]:
+    """The privacy/utility sweep as a Markdown table."""
+    lines = [
+        "| privacy | overrides on the preset | run | final epsilon (delta) "
+        "| best round | best val AUROC | val accuracy | worst hospital val AUROC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        overrides = " ".join(f"`{o}`" for o in row.get("overrides", []))
+        epsilon = (
+            "-"
+            if row.get("final_epsilon") is None
+            else f"{row['final_epsilon']:.3g} ({row['delta']:g})"
+        )
+        lines.append(
+            f"| {name} | {overrides} | {row['run_id']} | {epsilon} | "
+            f"{row['best_round']} | {num(row['val_auroc'])} | "
+            f"{num(row['val_accuracy'])} | {worst_cell(row)} |"
+        )
+    return lines
+
+
 def section(result: dict[str, Any]) -> list[str]:
     """One benchmark's section."""
     m = result["machine"]
@@ -128,6 +150,8 @@ def section(result: dict[str, Any]) -> list[str]:
     ]
     if "table" in result["figures"]:
         lines += quality_table(result["figures"]["table"]) + [""]
+    if "privacy_table" in result["figures"]:
+        lines += privacy_table(result["figures"]["privacy_table"]) + [""]
     rows = figures_table(result["figures"])
     if rows:
         lines += ["| figure | value: median (min-max, n) |", "|---|---|", *rows, ""]
