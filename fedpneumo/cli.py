@@ -239,6 +239,24 @@ def evaluate_cmd(
         print_metrics(console, metrics, title=f"{checkpoint} on {split}")
 
 
+@app.command("ui")
+def ui_cmd(
+    db: DbOption = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; only this machine by default.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Port to listen on.", min=1, max=65535)
+    ] = 8050,
+) -> None:
+    """Serve a read-only dashboard of the tracking database (Ctrl-C stops it)."""
+    from fedpneumo.runs_cli import _url
+    from fedpneumo.ui import check_address, serve
+
+    check_address(host, port)
+    serve(_url(db), host, port)
+
+
 def main() -> None:
     """Run the CLI; our errors exit with their code and a one-line message.
 

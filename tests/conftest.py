@@ -18,8 +18,9 @@ from tests.pg_server import ThrowawayPostgres
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
 BACKENDS = ("sqlite", "postgres")
-# read_only_dir / full_dir: real read-only and full file systems.
-pytest_plugins = ["tests.mounts"]
+# read_only_dir / full_dir: real read-only and full file systems;
+# browser: headless Chromium (tests/dashboard.py).
+pytest_plugins = ["tests.mounts", "tests.dashboard"]
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,7 @@ from persistence.models import (
     TestEvaluation,
 )
 from tests.conftest import run_cli
+from tests.dashboard import dashboard, save_screenshot
 
 EXPORTED = {
     "runs": Run,
@@ -569,3 +570,73 @@ def test_dead_in_progress_run_is_stale_and_failures_show(db_url: str) -> None:
     assert ["status", "stale"] in rows and "client failures: 1" in shown.stdout
     assert ["client-0", "-", "5", "0", "-", "-", "-", "1"] in rows
     assert ["1", "client-0", "7", "OOM"] in rows
+
+
+# The dashboard (`fedpneumo ui`), in a real browser --------------------------
+
+
+def hospitals_of(url: str, run_id: int) -> list[str]:
+    with session_scope(get_engine(url)) as s:
+        return s.scalars(
+            select(Client.client_identifier)
+            .join(ClientEvaluation, ClientEvaluation.client_id == Client.id)
+            .where(ClientEvaluation.run_id == run_id)
+            .distinct()
+        ).all()
+
+
+@pytest.mark.e2e
+def test_dashboard_shows_what_the_database_holds(
+    tracked: Tracked, browser: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    backend = "postgres" if tracked.url.startswith("postgresql") else "sqlite"
+    with session_scope(get_engine(tracked.url)) as s:
+        statuses = dict(s.execute(select(Run.id, Run.status)).all())
+        best = max(e.auroc for e in server_evals(s, tracked.federated))
+        configs = [s.get(Run, i).config for i in (tracked.central, tracked.federated)]
+    first, second, absent = flat(configs[0]), flat(configs[1]), object()
+    keys = first.keys() | second.keys()
+    differing = {k for k in keys if first.get(k, absent) != second.get(k, absent)}
+    before = snapshot(tracked.url)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    with dashboard(tracked.url) as (address, proc):
+        # Runs: both, with their ids and statuses.
+        page.goto(address + "/")
+        rows = page.locator("#runs tbody tr")
+        assert rows.count() == 2
+        for run_id, status in statuses.items():
+            row = page.locator(f"#runs tr[data-run='{run_id}']")
+            assert row.locator("td.status").inner_text() == status
+            assert row.locator("td a").first.inner_text() == str(run_id)
+        save_screenshot(page, tmp_path / f"dashboard-runs-{backend}.png")
+
+        # The federated run: its best val AUROC, one heatmap row per hospital.
+        page.goto(f"{address}/runs/{tracked.federated}")
+        page.wait_for_function("document.getElementById('heatmap').data")
+        assert page.locator("#best-auroc").inner_text() == fmt(best)
+        heatmap = page.evaluate("document.getElementById('heatmap').data[0]")
+        hospitals = hospitals_of(tracked.url, tracked.federated)
+        assert sorted(heatmap["y"]) == sorted(hospitals) and len(hospitals) == 2
+        assert len(heatmap["z"]) == len(hospitals)
+        assert (
+            page.locator("#test-score")
+            .inner_text()
+            .startswith("the data has no test split")
+        )
+        shot = save_screenshot(page, tmp_path / f"dashboard-run-{backend}.png")
+        assert mpimg.imread(shot).shape[1] == 1280
+
+        # Compare: only the config keys that differ.
+        page.goto(f"{address}/compare?run={tracked.central}&run={tracked.federated}")
+        keys = page.locator("#differences td.key").all_inner_texts()
+        assert set(keys) == differing and {"data.limit", "train.epochs"} <= set(keys)
+        save_screenshot(page, tmp_path / f"dashboard-compare-{backend}.png")
+
+        # An unknown run is a 404 page naming the id.
+        response = page.goto(f"{address}/runs/987654")
+        assert response is not None and response.status == 404
+        assert "run 987654 does not exist" in page.locator("#error").inner_text()
+        proc_alive = proc.poll() is None
+    page.close()
+    assert proc_alive
+    assert snapshot(tracked.url) == before  # read-only throughout
