@@ -33,8 +33,15 @@ db_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
+deploy_app = typer.Typer(
+    help="Secure Flower deployment: key material, admitting SuperNodes, running "
+    "them, submitting sessions.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(runs_app, name="runs")
+app.add_typer(deploy_app, name="deploy")
 
 console = Console()
 log = logging.getLogger("fedpneumo")
@@ -255,6 +262,167 @@ def ui_cmd(
 
     check_address(host, port)
     serve(_url(db), host, port)
+
+
+KeysOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--keys",
+        help="Folder made by `fedpneumo deploy keys` (ca.crt, supernode-N keys).",
+    ),
+]
+InsecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-local-only",
+        help="Plain text and no SuperNode keys: for a throwaway local test only.",
+    ),
+]
+
+
+def _security(keys: Path | None, insecure: bool) -> Path | None:
+    """Return the keys folder; plain text only when asked for by name."""
+    from persistence.errors import InputError
+
+    if (keys is None) == (not insecure):
+        raise InputError(
+            "give --keys DIR (TLS and SuperNode authentication) or, for a local "
+            "experiment only, --insecure-local-only"
+        )
+    if insecure:
+        log.warning(
+            "INSECURE: plain text, and any SuperNode that reaches the SuperLink "
+            "can join and receive the model (--insecure-local-only)"
+        )
+    return keys
+
+
+@deploy_app.command("keys")
+def deploy_keys(
+    out: Annotated[Path, typer.Option(help="Empty folder for the key material.")],
+    nodes: Annotated[
+        int, typer.Option(help="SuperNodes (hospitals) to make keys for.")
+    ],
+    name: Annotated[
+        list[str] | None,
+        typer.Option(help="Host names and IPs of the SuperLink (repeatable)."),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Days the certificates are valid.")] = 365,
+) -> None:
+    """Make a CA, the SuperLink's TLS certificate and one key pair per SuperNode."""
+    from fedpneumo.credentials import DEFAULT_NAMES, make_keys
+
+    written = make_keys(out, nodes, names=name or DEFAULT_NAMES, days=days)
+    for path in written:
+        console.print(f"wrote {path}", markup=False)
+    console.print(
+        f"next: start the SuperLink with these files, then `fedpneumo deploy "
+        f"register --keys {out} --superlink HOST:PORT --nodes {nodes}`; give "
+        "hospital N only ca.crt and its supernode-N key pair; keep ca.key offline",
+        markup=False,
+    )
+
+
+@deploy_app.command("add-node")
+def deploy_add_node(
+    keys: Annotated[Path, typer.Option(help="The deployment's key folder.")],
+    index: Annotated[int, typer.Option(help="The new SuperNode's number.", min=0)],
+) -> None:
+    """Make the key pair of a hospital joining later (then `register` it)."""
+    from fedpneumo.credentials import add_node_key
+
+    for path in add_node_key(keys, index):
+        console.print(f"wrote {path}", markup=False)
+
+
+@deploy_app.command("check")
+def deploy_check(
+    keys: Annotated[Path, typer.Option(help="The deployment's key folder.")],
+    node: Annotated[
+        list[int] | None, typer.Option(help="Also check this SuperNode's key.")
+    ] = None,
+) -> None:
+    """Check certificates (current, issued by the CA) and keys; name a bad file."""
+    from fedpneumo.deploy import check_keys
+
+    check_keys(keys, nodes=node or [])
+    console.print(f"{keys}: certificates current and issued by its CA", markup=False)
+
+
+@deploy_app.command("register")
+def deploy_register(
+    keys: Annotated[Path, typer.Option(help="The deployment's key folder.")],
+    superlink: Annotated[str, typer.Option(help="The SuperLink's host:port.")],
+    nodes: Annotated[
+        int | None, typer.Option(help="Register SuperNodes 0..N-1.", min=1)
+    ] = None,
+    node: Annotated[
+        list[int] | None, typer.Option(help="Register this SuperNode (repeatable).")
+    ] = None,
+    wait_s: Annotated[float, typer.Option(help="Wait for the SuperLink.")] = 120.0,
+) -> None:
+    """Admit SuperNodes: register their public keys with the SuperLink."""
+    from fedpneumo.credentials import CA_CERT
+    from fedpneumo.deploy import register
+    from fedpneumo.flower import wait_healthy
+
+    indices = sorted({*(node or []), *range(nodes or 0)})
+    if not indices:
+        raise typer.BadParameter("give --nodes N or --node I", param_hint="--nodes")
+    wait_healthy(superlink, timeout_s=wait_s, ca_cert=keys / CA_CERT)
+    for index, node_id in register(keys, superlink, indices).items():
+        state = "registered before" if node_id is None else f"node id {node_id}"
+        console.print(f"supernode-{index}: {state}", markup=False)
+
+
+@deploy_app.command(
+    "supernode",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def deploy_supernode(
+    ctx: typer.Context,
+    index: Annotated[int, typer.Option(help="This SuperNode's number.", min=0)],
+    superlink: Annotated[str, typer.Option(help="The SuperLink's host:port.")],
+    node_config: Annotated[str, typer.Option(help="flower-supernode --node-config.")],
+    keys: KeysOption = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Run one SuperNode; say in one line why the SuperLink refused it.
+
+    Arguments after the options go to flower-supernode (e.g. --port 9094).
+    """
+    from fedpneumo.deploy import run_supernode
+
+    run_supernode(_security(keys, insecure), index, superlink, node_config, ctx.args)
+
+
+@deploy_app.command("submit", context_settings=OVERRIDES_CONTEXT)
+def deploy_submit(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's host:port.")],
+    overrides: Overrides = None,
+    app_dir: Annotated[
+        Path, typer.Option("--app", help="The Flower app folder.")
+    ] = APP_DIR,
+    keys: KeysOption = None,
+    insecure: InsecureOption = False,
+    wait_s: Annotated[float, typer.Option(help="Wait for the SuperLink.")] = 120.0,
+) -> None:
+    """Run one federated session on a deployed SuperLink; exit 0 iff it completed."""
+    from fedpneumo.credentials import CA_CERT
+    from fedpneumo.deploy import submit
+    from fedpneumo.flower import wait_healthy
+    from persistence.errors import FailedRunError
+
+    folder = _security(keys, insecure)
+    ca_cert = None if folder is None else folder / CA_CERT
+    wait_healthy(superlink, timeout_s=wait_s, ca_cert=ca_cert)
+    outcome = submit(superlink, overrides or [], app_dir=app_dir, ca_cert=ca_cert)
+    if not outcome.completed:
+        raise FailedRunError(
+            f"Flower run {outcome.flwr_run_id} ended {outcome.status}: "
+            f"{outcome.details}"
+        )
+    log.info("Flower run %s completed", outcome.flwr_run_id)
 
 
 def main() -> None:

@@ -8,11 +8,13 @@ the connection file, the health check, and the one loop that follows a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -79,12 +81,24 @@ def toml_string(value: str) -> str:
     return json.dumps(value)
 
 
-def write_connection(home: Path, name: str, address: str) -> None:
-    """Write a Flower ``config.toml`` whose default connection is ``address``."""
+def write_connection(
+    home: Path, name: str, address: str, ca_cert: Path | None = None
+) -> None:
+    """Write a Flower ``config.toml`` whose default connection is ``address``.
+
+    With ``ca_cert`` the connection is TLS, the SuperLink's certificate checked
+    against that CA; without, plain text (a private simulation SuperLink on
+    loopback, or an explicitly insecure deployment).
+    """
     home.mkdir(parents=True, exist_ok=True)
+    security = (
+        f"root-certificates = {toml_string(str(ca_cert.resolve()))}\n"
+        if ca_cert
+        else "insecure = true\n"
+    )
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{name}"\n\n'
-        f'[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+        f'[superlink.{name}]\naddress = "{address}"\n{security}'
     )
 
 
@@ -93,16 +107,21 @@ def wait_healthy(
     proc: subprocess.Popen[bytes] | None = None,
     timeout_s: float = READY_TIMEOUT_S,
     logfile: Path | None = None,
+    ca_cert: Path | None = None,
 ) -> None:
-    """Block until a SuperLink answers ``/health`` (or its process exits)."""
-    url = f"http://{address}/health"
+    """Block until a SuperLink answers ``/health`` (or its process exits).
+
+    With ``ca_cert`` the SuperLink serves TLS, checked against that CA.
+    """
+    url = f"{'https' if ca_cert else 'http'}://{address}/health"
+    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
     deadline = time.monotonic() + timeout_s
     while True:
         if proc is not None and proc.poll() is not None:
             tail = logfile.read_text()[-2000:] if logfile and logfile.exists() else ""
             raise RuntimeError(f"flower-superlink exited early: {tail}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -223,6 +242,31 @@ def kill_tree(
         victims = [*root.children(recursive=True), root]
     except psutil.NoSuchProcess:
         return
+    kill_processes(victims, grace_s, signals)
+
+
+def wait_with_descendants(proc: subprocess.Popen, poll_s: float = 0.5) -> int:
+    """Wait for a process; then end what it started and left running.
+
+    Its descendants are noted while it runs: once it has exited they are
+    orphans no tree walk can find.
+    """
+    started: dict[int, psutil.Process] = {}
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                started.setdefault(child.pid, child)
+        time.sleep(poll_s)
+    kill_processes([p for p in started.values() if running(p)])
+    return proc.wait()
+
+
+def kill_processes(
+    victims: Sequence[psutil.Process],
+    grace_s: float = 5.0,
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL),
+) -> None:
+    """Signal processes (already collected), escalating; wait until they are gone."""
     for sig in signals:
         for victim in victims:
             try:

@@ -1,15 +1,19 @@
 """A Flower deployment (SuperLink and SuperNodes) as native processes on loopback.
 
-The same topology docker-compose runs in containers, started here for tests.
+The same topology docker-compose runs in containers, started here for tests:
+TLS with the deployment's own CA and SuperNode authentication, each SuperNode
+run through ``fedpneumo deploy supernode`` after ``register`` admitted it.
 """
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fedpneumo.deploy import node_config
+from fedpneumo.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, make_keys
+from fedpneumo.deploy import node_config, register
 from fedpneumo.flower import (
     flower_bin,
     flower_env,
@@ -46,8 +50,12 @@ class NativeDeployment:
         server_env: Mapping[str, str],
         node_env: Mapping[str, str],
         data_path: str | None = None,
+        keys: Path | None = None,
     ) -> None:
         self.root = root
+        # The key material (made for num_nodes + 1 SuperNodes: the last one's
+        # key is never registered).
+        self.keys = keys or root / "keys"
         self.num_nodes = num_nodes
         self.server_env = dict(server_env)
         self.node_env = without_database(node_env)
@@ -86,13 +94,26 @@ class NativeDeployment:
                 stderr=subprocess.STDOUT,
             )
 
+    @property
+    def ca_cert(self) -> Path:
+        """The CA the SuperLink's certificate is checked against."""
+        return self.keys / CA_CERT
+
     def start(self) -> None:
-        """Start the SuperLink, wait for it, then start the SuperNodes."""
+        """Make keys, start the SuperLink, admit the SuperNodes and start them."""
+        if not (self.keys / CA_CERT).exists():
+            make_keys(self.keys, self.num_nodes + 1)
         self.superlink = self._spawn(
             "superlink",
             [
                 flower_bin("flower-superlink"),
-                "--insecure",
+                "--ssl-certfile",
+                str(self.keys / SERVER_CERT),
+                "--ssl-keyfile",
+                str(self.keys / SERVER_KEY),
+                "--ssl-ca-certfile",
+                str(self.keys / CA_CERT),
+                "--enable-supernode-auth",
                 "--isolation",
                 "subprocess",
                 "--disable-runtime-dependency-installation",
@@ -105,15 +126,30 @@ class NativeDeployment:
             ],
             self.server_env,
         )
-        wait_healthy(self.address, proc=self.superlink)
+        wait_healthy(self.address, proc=self.superlink, ca_cert=self.ca_cert)
+        register(self.keys, self.address, range(self.num_nodes))
         for i in range(self.num_nodes):
-            config = node_config(
-                i, self.num_nodes, self.data_path, str(self.outputs_dir(i))
-            )
-            args = [flower_bin("flower-supernode"), "--insecure"]
-            args += ["--superlink", self.address, "--node-config", config]
-            args += ["--host", "127.0.0.1", "--port", str(free_port())]
-            self.supernodes.append(self._spawn(f"supernode-{i}", args, self.node_env))
+            self.supernodes.append(self.start_supernode(i))
+
+    def start_supernode(
+        self,
+        index: int,
+        keys: Path | None = None,
+        extra: Sequence[str] = (),
+        name: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start SuperNode ``index`` through `fedpneumo deploy supernode`.
+
+        ``name`` is its folder under the deployment (default supernode-N).
+        """
+        config = node_config(
+            index, self.num_nodes, self.data_path, str(self.outputs_dir(index))
+        )
+        args = [sys.executable, "-m", "fedpneumo", "deploy", "supernode"]
+        args += ["--keys", str(keys or self.keys), "--index", str(index)]
+        args += ["--superlink", self.address, "--node-config", config, *extra]
+        args += ["--host", "127.0.0.1", "--port", str(free_port())]
+        return self._spawn(name or f"supernode-{index}", args, self.node_env)
 
     def logs(self) -> str:
         """Return the tails of every process log (for failure messages)."""

@@ -7,6 +7,7 @@ SuperNodes without it, a one-shot submitter) runs as local processes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,8 +23,17 @@ import yaml
 from sqlalchemy import select, text
 
 from client_app.messages import REPLY_METRICS
+from fedpneumo.credentials import make_keys
 from fedpneumo.deploy import node_config
-from fedpneumo.flower import STARTED, descendants, process_alive
+from fedpneumo.flower import (
+    STARTED,
+    descendants,
+    flower_bin,
+    flower_env,
+    process_alive,
+    wait_with_descendants,
+    write_connection,
+)
 from persistence.db import get_engine, session_scope
 from persistence.models import (
     Client,
@@ -250,18 +260,21 @@ class EnvironWatcher:
         ]
 
 
-def submit_cli(address: str, overrides: list[str]) -> subprocess.CompletedProcess[str]:
+def submit_cli(
+    address: str, keys: Path, overrides: list[str]
+) -> subprocess.CompletedProcess[str]:
     """Run the compose submitter's command against a SuperLink."""
     return subprocess.run(
         [
             sys.executable,
             "-m",
-            "fedpneumo.deploy",
+            "fedpneumo",
+            "deploy",
             "submit",
             "--superlink",
             address,
-            "--app",
-            str(REPO_ROOT),
+            "--keys",
+            str(keys),
             *overrides,
         ],
         capture_output=True,
@@ -270,6 +283,62 @@ def submit_cli(address: str, overrides: list[str]) -> subprocess.CompletedProces
         timeout=600,
         check=False,
     )
+
+
+def refused_supernodes(
+    deployment: NativeDeployment, tmp_path: Path
+) -> list[tuple[int, str]]:
+    """Start three SuperNodes the SuperLink must refuse; return (exit code, line).
+
+    One with a key that was never registered, one whose CA is not the
+    SuperLink's, and Flower's own SuperNode with no CA at all (its whole log).
+    """
+    other = tmp_path / "other-ca"
+    make_keys(other, 3)
+    procs = {
+        "unknown-key": deployment.start_supernode(2, name="unknown-key"),
+        "wrong-ca": deployment.start_supernode(2, keys=other, name="wrong-ca"),
+    }
+    folder = deployment.root / "no-ca"
+    folder.mkdir()
+    with (folder / "no-ca.log").open("wb") as log:
+        procs["no-ca"] = subprocess.Popen(
+            [
+                flower_bin("flower-supernode"),
+                "--superlink",
+                deployment.address,
+                "--auth-supernode-private-key",
+                str(deployment.keys / "supernode-0"),
+                "--node-config",
+                node_config(0, 2),
+            ],
+            env=flower_env(without_database(os.environ), folder / "home"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    results = []
+    for name, proc in procs.items():
+        code = wait_with_descendants(proc)
+        text = (deployment.root / name / f"{name}.log").read_text(errors="replace")
+        errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
+        results.append((code, errors[-1] if errors and name != "no-ca" else text))
+    return results
+
+
+def online_nodes(deployment: NativeDeployment) -> list[str]:
+    """Node ids the SuperLink lists as online (Flower's own record)."""
+    home = deployment.root / "operator"
+    write_connection(home, "deployment", deployment.address, deployment.ca_cert)
+    listed = subprocess.run(
+        [flower_bin("flwr"), "supernode", "list", "deployment", "--format", "json"],
+        env=flower_env(os.environ, home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    nodes = json.loads(listed.stdout)["nodes"]
+    return [n["node-id"] for n in nodes if n["status"] == "online"]
 
 
 def processes_with_env_value(fragment: str) -> list[str]:
@@ -322,14 +391,36 @@ def test_deploy_native_topology_relay(
         roots |= {f"supernode-{i}": p.pid for i, p in enumerate(deployment.supernodes)}
         with EnvironWatcher(roots) as watcher:
             # A session the ServerApp rejects: the submitter exits non-zero.
-            bad = submit_cli(deployment.address, ["partition.alpha=0"])
-            good = submit_cli(deployment.address, overrides)
+            bad = submit_cli(deployment.address, deployment.keys, ["partition.alpha=0"])
+            refused = refused_supernodes(deployment, tmp_path)
+            good = submit_cli(deployment.address, deployment.keys, overrides)
+            online = online_nodes(deployment)
         logs = deployment.logs()
     leftovers = processes_with_env_value(str(deployment.root))
     assert not leftovers, f"processes left running: {leftovers}"
 
     assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
     assert "finished:failed" in bad.stderr
+    # Only the two registered SuperNodes ever joined; the others were refused,
+    # each with one line naming why.
+    assert len(online) == 2, online
+    unknown, wrong_ca, no_ca = refused
+    keys = deployment.keys
+    assert unknown == (
+        1,
+        f"error: the SuperLink at {deployment.address} refused SuperNode key "
+        f"{keys / 'supernode-2'}: its public key {keys / 'supernode-2.pub'} is not "
+        "registered there (the operator admits it with `fedpneumo deploy register`)",
+    )
+    assert wrong_ca[0] == 1 and wrong_ca[1].startswith(
+        f"error: TLS with the SuperLink at {deployment.address} failed "
+        "(certificate verify failed"
+    )
+    assert wrong_ca[1].endswith(
+        f"does not verify against {tmp_path / 'other-ca' / 'ca.crt'} (another CA, "
+        "or expired)"
+    )
+    assert no_ca[0] != 0 and "CERTIFICATE_VERIFY_FAILED" in no_ca[1]
     assert good.returncode == 0, good.stdout[-5000:] + good.stderr[-3000:] + logs
     flwr_run_id = STARTED.search(good.stdout).group(1)  # type: ignore[union-attr]
     assert pg_server.password not in good.stdout + good.stderr
