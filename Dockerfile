@@ -37,7 +37,7 @@ COPY pyproject.toml README.md ./
 RUN for pkg in fedpneumo server_app client_app persistence benchmarks; do \
         mkdir -p "$pkg" && touch "$pkg/__init__.py"; \
     done \
-    && pip install "flwr[simulation]==${FLWR_VERSION}" -e . \
+    && pip install "flwr[simulation,dp]==${FLWR_VERSION}" -e . \
     && python -c "import flwr, torch; assert flwr.__version__ == '${FLWR_VERSION}', flwr.__version__"
 
 COPY . .

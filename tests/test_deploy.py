@@ -181,7 +181,9 @@ def test_deploy_compose_shape_postgres_superlink_supernodes_submit() -> None:
         assert "postgres" not in str(svc[name].get("depends_on", {})), name
     for partition, name in enumerate(SUPERNODES):
         node = svc[name]
-        assert "superlink" in node["depends_on"]
+        assert node["depends_on"]["register"]["condition"] == (
+            "service_completed_successfully"
+        )
         command = node["command"]
         assert command[command.index("--superlink") + 1] == "superlink:8000"
         config = command[command.index("--node-config") + 1]
@@ -193,10 +195,65 @@ def test_deploy_compose_shape_postgres_superlink_supernodes_submit() -> None:
 
     # The submitter: relay mode on PostgreSQL, exits with the run's status.
     submit = " ".join(svc["submit"]["entrypoint"])
-    assert "fedpneumo.deploy submit --superlink superlink:8000" in submit
+    assert "fedpneumo deploy submit --superlink superlink:8000 --keys /keys" in submit
     assert "tracking.client_writes=relay" in submit and "db=postgres" in submit
     assert f"simulation.num_supernodes={len(SUPERNODES)}" in submit
     assert svc["submit"]["restart"] == "no"
+
+
+def test_deploy_compose_is_secure_by_default_and_holds_no_key_material(
+    tmp_path: Path,
+) -> None:
+    svc = services()
+    # TLS and SuperNode authentication; plain text nowhere by default.
+    for name, service in svc.items():
+        words = [*service.get("command", []), *service.get("entrypoint", [])]
+        assert not [w for w in words if "insecure" in str(w)], name
+    superlink = svc["superlink"]["command"]
+    for flag, path in (
+        ("--ssl-certfile", "/keys/superlink.crt"),
+        ("--ssl-keyfile", "/keys/superlink.key"),
+        ("--ssl-ca-certfile", "/keys/ca.crt"),
+    ):
+        assert superlink[superlink.index(flag) + 1] == path
+    assert "--enable-supernode-auth" in superlink
+    assert "https://" in " ".join(svc["superlink"]["healthcheck"]["test"])
+    register = svc["register"]
+    assert register["depends_on"]["superlink"]["condition"] == "service_healthy"
+    assert " ".join(register["entrypoint"]).startswith("fedpneumo deploy register")
+    # Key material is mounted read-only, each SuperNode gets only its own key.
+    for name, service in svc.items():
+        mounts = [v for v in service.get("volumes", []) if ":/keys/" in v]
+        assert all(v.endswith(":ro") for v in mounts), name
+        if name.startswith("supernode-"):
+            index = name.split("-")[1]
+            targets = {v.rsplit(":", 2)[1] for v in mounts}
+            assert targets == {
+                "/keys/ca.crt",
+                f"/keys/supernode-{index}",
+                f"/keys/supernode-{index}.pub",
+            }, name
+        if name in ("submit", *SUPERNODES, "register"):
+            assert not [v for v in mounts if "superlink.key" in v or "ca.key" in v]
+    # PostgreSQL: the compose network and the host's loopback only.
+    assert all(p.startswith("127.0.0.1:") for p in svc["postgres"]["ports"])
+    # No key material in the repository; keys/ is ignored.
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert not [
+        f for f in tracked if f.endswith((".key", ".crt", ".pem")) or "/supernode-" in f
+    ]
+    assert "keys/" in (REPO_ROOT / ".gitignore").read_text().split()
+    # The insecure opt-in is a separate, loudly named file, valid for the parser.
+    insecure = compose(
+        "-f",
+        str(REPO_ROOT / "docker-compose.insecure-local-only.yml"),
+        "config",
+        "-q",
+        env_file=ENV_EXAMPLE,
+    )
+    assert insecure.returncode == 0, insecure.stderr
 
 
 def test_deploy_helpers_quote_node_config_and_strip_the_database() -> None:
