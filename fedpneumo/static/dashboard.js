@@ -3,6 +3,12 @@
 
 const LAYOUT = { margin: { t: 40, r: 20, b: 45, l: 55 }, legend: { orientation: "h" } };
 
+// A round / epoch axis: whole numbers, about ten ticks at most.
+function stepAxis(title, steps) {
+  const span = steps.length ? Math.max(...steps) - Math.min(...steps) : 1;
+  return { title: { text: title }, tick0: 0, dtick: Math.max(1, Math.ceil(span / 10)) };
+}
+
 function fmt(value, digits = 4) {
   return value === null || value === undefined || Number.isNaN(value) ? "-" : value.toFixed(digits);
 }
@@ -13,11 +19,11 @@ function drawCurves(run) {
   Plotly.react("val-curves", [
     { x: steps, y: run.curve.map((p) => p.auroc), name: "val AUROC", mode: "lines+markers" },
     { x: steps, y: run.curve.map((p) => p.accuracy), name: "val accuracy", mode: "lines+markers" },
-  ], { ...LAYOUT, title: { text: "Validation AUROC and accuracy" }, xaxis: { title: { text: unit } } });
+  ], { ...LAYOUT, title: { text: "Validation AUROC and accuracy" }, xaxis: stepAxis(unit, steps) });
   Plotly.react("val-loss", [
     { x: steps, y: run.curve.map((p) => p.loss), name: "val loss", mode: "lines+markers" },
     { x: steps, y: run.curve.map((p) => p.train_loss), name: "train loss", mode: "lines+markers" },
-  ], { ...LAYOUT, title: { text: "Loss" }, xaxis: { title: { text: unit } } });
+  ], { ...LAYOUT, title: { text: "Loss" }, xaxis: stepAxis(unit, steps) });
 }
 
 function fillRounds(run) {
@@ -36,15 +42,16 @@ function drawHospitals(run) {
     type: "heatmap", x: h.rounds, y: h.hospitals, z: h.auroc, zmin: 0.5, zmax: 1,
     colorscale: "Viridis", hoverongaps: false, colorbar: { title: { text: "AUROC" } },
   }], { ...LAYOUT, title: { text: "Each hospital's AUROC of the global model (blank: one-class slice)" },
-        xaxis: { title: { text: "round" }, dtick: 1 }, yaxis: { automargin: true } });
+        xaxis: stepAxis("round", h.rounds), yaxis: { automargin: true } });
   Plotly.react("train-loss", run.clients.map((c) => ({
     x: Object.keys(c.train_loss).map(Number), y: Object.values(c.train_loss),
     name: c.name, mode: "lines+markers",
-  })), { ...LAYOUT, title: { text: "Per-client train loss (last local epoch)" }, xaxis: { title: { text: "round" } } });
+  })), { ...LAYOUT, title: { text: "Per-client train loss (last local epoch)" },
+        xaxis: stepAxis("round", run.curve.map((p) => p.step)) });
   if (document.getElementById("epsilon")) {
     const rounds = Object.keys(run.epsilons).map(Number);
     Plotly.react("epsilon", [{ x: rounds, y: rounds.map((r) => run.epsilons[r]), mode: "lines+markers", name: "epsilon" }],
-      { ...LAYOUT, title: { text: "Privacy spent (cumulative epsilon)" }, xaxis: { title: { text: "round" } } });
+      { ...LAYOUT, title: { text: "Privacy spent (cumulative epsilon)" }, xaxis: stepAxis("round", rounds) });
   }
 }
 
