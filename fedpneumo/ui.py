@@ -79,6 +79,22 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def plain(value: Any) -> Any:
+    """Return value with NaN and infinities as None: strict JSON for the page."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def script_json(value: Any) -> str:
+    """JSON for a <script> element: no text in it can close the element."""
+    return json.dumps(value).replace("<", "\\u003c")
+
+
 def run_payload(report: RunReport, clients: list[Any]) -> dict[str, Any]:
     """Everything the run page draws, as plain JSON (also its live updates)."""
     rounds = sorted(report.hospitals)
@@ -97,30 +113,32 @@ def run_payload(report: RunReport, clients: list[Any]) -> dict[str, Any]:
         for name in hospitals
     ]
     best = report.best
-    return {
-        "id": report.id,
-        "status": report.status,
-        "mode": report.mode,
-        "rounds_done": report.rounds_done,
-        "rounds_planned": report.rounds_planned,
-        "best": None if best is None else {"step": best.step, "auroc": best.auroc},
-        "curve": [
-            {
-                "step": p.step,
-                "auroc": p.auroc,
-                "accuracy": p.accuracy,
-                "loss": p.loss,
-                "train_loss": p.train_loss,
-                "epsilon": report.epsilons.get(p.step),
-            }
-            for p in report.curve
-        ],
-        "heatmap": {"rounds": rounds, "hospitals": hospitals, "auroc": heat},
-        "clients": [
-            {"name": c.identifier, "train_loss": c.train_losses} for c in clients
-        ],
-        "epsilons": report.epsilons,
-    }
+    return plain(
+        {
+            "id": report.id,
+            "status": report.status,
+            "mode": report.mode,
+            "rounds_done": report.rounds_done,
+            "rounds_planned": report.rounds_planned,
+            "best": None if best is None else {"step": best.step, "auroc": best.auroc},
+            "curve": [
+                {
+                    "step": p.step,
+                    "auroc": p.auroc,
+                    "accuracy": p.accuracy,
+                    "loss": p.loss,
+                    "train_loss": p.train_loss,
+                    "epsilon": report.epsilons.get(p.step),
+                }
+                for p in report.curve
+            ],
+            "heatmap": {"rounds": rounds, "hospitals": hospitals, "auroc": heat},
+            "clients": [
+                {"name": c.identifier, "train_loss": c.train_losses} for c in clients
+            ],
+            "epsilons": report.epsilons,
+        }
+    )
 
 
 def create_app(url: str) -> FastAPI:
@@ -223,7 +241,7 @@ def create_app(url: str) -> FastAPI:
             request,
             "run.html",
             run=report,
-            payload=json.dumps(run_payload(report, clients)),
+            payload=script_json(run_payload(report, clients)),
             config=json.dumps(report.config, indent=2, sort_keys=True),
             failures=failures,
             spreads=spreads,
@@ -262,7 +280,7 @@ def create_app(url: str) -> FastAPI:
             runs=reports,
             rows=rows,
             differing=differing,
-            curves=json.dumps(curves),
+            curves=script_json(curves),
         )
 
     return app

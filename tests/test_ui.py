@@ -92,3 +92,24 @@ def test_another_host_is_warned_about_and_a_busy_port_is_one_line(
         "another --port, or a --host address of this machine"
     ]
     assert os.environ.get("DATABASE_URL") is None
+
+
+def test_the_live_data_is_strict_json_when_a_metric_is_nan(sqlite_url: str) -> None:
+    import json
+    import urllib.request
+
+    with session_scope(get_engine(sqlite_url)) as s:
+        experiment = repo.get_or_create_experiment(s, name="nan")
+        run = repo.create_run(s, experiment_id=experiment.id, training_mode="federated")
+        run_id = run.id
+        repo.add_server_evaluation(s, run_id=run_id, round_number=0, metrics=ROUND)
+        repo.add_metrics(
+            s,
+            run_id=run_id,
+            client_id=None,
+            points=[repo.MetricPoint("train_loss", float("nan"), 0, "train", 0)],
+        )
+    with dashboard(sqlite_url) as (address, _):
+        body = urllib.request.urlopen(f"{address}/api/runs/{run_id}").read()
+    data = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert data["curve"][0]["train_loss"] is None
