@@ -193,7 +193,8 @@ def _flwr_error(done: subprocess.CompletedProcess[str]) -> str:
     return " ".join(text.split())[:300] or f"exit code {done.returncode}"
 
 
-# What flower-supernode prints when the SuperLink turns it away (exit 305).
+# What flower-supernode prints (on stderr, then exits 1) when the SuperLink
+# turns it away.
 KEY_REFUSED = re.compile(r"\[code: 2004\] Failed to activate SuperNode")
 TLS_FAILED = re.compile(r"\[SSL: ([A-Z_]+)\] ([^(\n]+)")
 
