@@ -305,14 +305,21 @@ def deploy_keys(
     ],
     name: Annotated[
         list[str] | None,
-        typer.Option(help="Host names and IPs of the SuperLink (repeatable)."),
+        typer.Option(
+            help="Another host name or IP the SuperLink is reached by (repeatable)."
+        ),
     ] = None,
     days: Annotated[int, typer.Option(help="Days the certificates are valid.")] = 365,
 ) -> None:
-    """Make a CA, the SuperLink's TLS certificate and one key pair per SuperNode."""
+    """Make a CA, the SuperLink's TLS certificate and one key pair per SuperNode.
+
+    The certificate names superlink, localhost and 127.0.0.1 (what the
+    compose stack and the SuperLink itself dial), plus every --name.
+    """
     from fedpneumo.credentials import DEFAULT_NAMES, make_keys
 
-    written = make_keys(out, nodes, names=name or DEFAULT_NAMES, days=days)
+    names = [*DEFAULT_NAMES, *(name or [])]
+    written = make_keys(out, nodes, names=names, days=days)
     for path in written:
         console.print(f"wrote {path}", markup=False)
     console.print(
@@ -363,12 +370,13 @@ def deploy_register(
 ) -> None:
     """Admit SuperNodes: register their public keys with the SuperLink."""
     from fedpneumo.credentials import CA_CERT
-    from fedpneumo.deploy import register
+    from fedpneumo.deploy import check_keys, register
     from fedpneumo.flower import wait_healthy
 
     indices = sorted({*(node or []), *range(nodes or 0)})
     if not indices:
         raise typer.BadParameter("give --nodes N or --node I", param_hint="--nodes")
+    check_keys(keys, server=False)  # before dialling with it
     wait_healthy(superlink, timeout_s=wait_s, ca_cert=keys / CA_CERT)
     for index, node_id in register(keys, superlink, indices).items():
         state = "registered before" if node_id is None else f"node id {node_id}"
@@ -409,11 +417,13 @@ def deploy_submit(
 ) -> None:
     """Run one federated session on a deployed SuperLink; exit 0 iff it completed."""
     from fedpneumo.credentials import CA_CERT
-    from fedpneumo.deploy import submit
+    from fedpneumo.deploy import check_keys, submit
     from fedpneumo.flower import wait_healthy
     from persistence.errors import FailedRunError
 
     folder = _security(keys, insecure)
+    if folder is not None:
+        check_keys(folder, server=False)  # before dialling with it
     ca_cert = None if folder is None else folder / CA_CERT
     wait_healthy(superlink, timeout_s=wait_s, ca_cert=ca_cert)
     outcome = submit(superlink, overrides or [], app_dir=app_dir, ca_cert=ca_cert)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,11 @@ SERVER_KEY = "superlink.key"
 # The names the SuperLink is reached by: the compose service, this machine.
 DEFAULT_NAMES = ("superlink", "localhost", "127.0.0.1")
 DEFAULT_DAYS = 365
+MAX_DAYS = 3650
+DNS_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 # NIST P-384: an approved curve for Flower's SuperNode keys.
 CURVE = ec.SECP384R1
+NIST = ("secp256r1", "secp384r1", "secp521r1")
 
 
 class CredentialError(InputError):
@@ -61,11 +65,12 @@ def _now() -> dt.datetime:
 
 
 def _write(path: Path, data: bytes, secret: bool = False) -> None:
-    """Write a file whole; a secret is readable by its owner only."""
+    """Write a new file whole; a secret is readable by its owner only, from birth."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    if secret:
-        os.chmod(tmp, 0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
     tmp.replace(path)
 
 
@@ -87,13 +92,36 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _subject_alt_names(names: Sequence[str]) -> x509.SubjectAlternativeName:
+    """The SuperLink certificate's names; a bad one is an input error."""
     entries: list[x509.GeneralName] = []
-    for name in names:
+    for name in dict.fromkeys(names):
         try:
             entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+            continue
         except ValueError:
-            entries.append(x509.DNSName(name))
+            pass
+        if not DNS_NAME.fullmatch(name):
+            raise InputError(
+                f"--name {name!r} is not a host name or IP address (letters, digits, "
+                "'-' and '.', such as superlink.example.org)"
+            )
+        entries.append(x509.DNSName(name))
     return x509.SubjectAlternativeName(entries)
+
+
+def _writable_folder(folder: Path, option: str) -> None:
+    """Create a folder for key material, or say in one line why it cannot be."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{option} {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"{option} {folder} cannot be created ({exc.strerror}); give a folder "
+            "you can write to"
+        ) from None
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{option} {folder} is not writable; give another folder")
 
 
 def make_keys(
@@ -109,12 +137,15 @@ def make_keys(
     """
     if nodes < 1:
         raise InputError(f"--nodes {nodes}: a federation needs at least 1 SuperNode")
-    if days < 1:
-        raise InputError(f"--days {days}: certificates must be valid at least a day")
-    out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(
-        p.name for p in out.iterdir() if p.name in (CA_KEY, SERVER_KEY, CA_CERT)
-    )
+    if not 1 <= days <= MAX_DAYS:
+        raise InputError(f"--days {days}: give 1 to {MAX_DAYS} days")
+    san = _subject_alt_names(names)
+    _writable_folder(out, "--out")
+    files = {CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY}
+    for index in range(nodes):
+        keys = node_keys(out, index)
+        files |= {keys.private.name, keys.public.name}
+    existing = sorted(p.name for p in out.iterdir() if p.name in files)
     if existing:
         raise InputError(
             f"{out} already holds {', '.join(existing)}; choose an empty folder (a "
@@ -156,7 +187,7 @@ def make_keys(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(_subject_alt_names(names), critical=False)
+        .add_extension(san, critical=False)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
@@ -174,6 +205,8 @@ def make_keys(
 
 def add_node_key(out: Path, index: int) -> list[Path]:
     """Write one SuperNode's OpenSSH key pair (for a hospital joining later too)."""
+    if not out.is_dir():
+        raise InputError(f"--keys {out} is not a folder of key material")
     keys = node_keys(out, index)
     if keys.private.exists():
         raise InputError(f"{keys.private} exists; a node's key is never replaced")
@@ -241,5 +274,39 @@ def check_private_key(path: Path) -> None:
             f"{path} is not an OpenSSH private key ({exc}); SuperNode keys come "
             "from `fedpneumo deploy keys`"
         ) from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CredentialError(f"{path} is not an EC key; Flower needs an EC key")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in NIST:
+        raise CredentialError(
+            f"{path} is not an EC key on a NIST curve (P-256, P-384 or P-521), which "
+            "Flower requires"
+        )
+
+
+def check_public_key(path: Path) -> None:
+    """Check a SuperNode's public key (OpenSSH, a NIST EC curve); name the file."""
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise CredentialError(f"{path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise CredentialError(f"{path} is not an OpenSSH public key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in NIST:
+        raise CredentialError(
+            f"{path} is not an EC key on a NIST curve (P-256, P-384 or P-521), which "
+            "Flower requires"
+        )
+
+
+def check_key_pair(cert_path: Path, key_path: Path) -> None:
+    """Check that a private key belongs to a certificate; name the key file."""
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    except FileNotFoundError:
+        raise CredentialError(f"{key_path} does not exist") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise CredentialError(f"{key_path} is not a PEM private key ({exc})") from None
+    cert = _load_certificate(cert_path)
+    if key.public_key() != cert.public_key():
+        raise CredentialError(
+            f"{key_path} is not the private key of {cert_path}: they come from "
+            "different `fedpneumo deploy keys` runs"
+        )

@@ -31,9 +31,13 @@ from pathlib import Path
 
 from fedpneumo.credentials import (
     CA_CERT,
+    SERVER_CERT,
+    SERVER_KEY,
     CredentialError,
     check_certificate,
+    check_key_pair,
     check_private_key,
+    check_public_key,
     node_keys,
 )
 from fedpneumo.flower import (
@@ -126,7 +130,8 @@ def check_keys(keys: Path, *, server: bool = True, nodes: Sequence[int] = ()) ->
     ca = keys / CA_CERT
     check_certificate(ca, ca)  # the CA itself: readable and current
     if server:
-        check_certificate(keys / "superlink.crt", ca)
+        check_certificate(keys / SERVER_CERT, ca)
+        check_key_pair(keys / SERVER_CERT, keys / SERVER_KEY)
     for index in nodes:
         check_private_key(node_keys(keys, index).private)
 
@@ -149,7 +154,10 @@ def register(keys: Path, superlink: str, nodes: Sequence[int]) -> dict[int, int 
     Returns Flower's node id of each newly registered index, None for a key
     registered before (a restarted stack registers nothing twice).
     """
-    check_keys(keys, server=False, nodes=nodes)
+    # Only the public halves: the operator need not hold hospitals' private keys.
+    check_keys(keys, server=False)
+    for index in nodes:
+        check_public_key(node_keys(keys, index).public)
     home = Path(tempfile.mkdtemp(prefix="fedpneumo-register-"))
     try:
         write_connection(home, CONNECTION, superlink, keys / CA_CERT)
@@ -238,9 +246,24 @@ def run_supernode(
     if keys is not None:
         check_keys(keys, server=False, nodes=[index])
     args = supernode_args(keys, index, superlink, config, extra)
+    home = Path(tempfile.mkdtemp(prefix="fedpneumo-node-"))
+    try:
+        code, output = _follow(args, home, on_line)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    if code == 0:
+        return
+    tail = "\n".join(output[-200:])
+    raise FailedRunError(refusal(keys, index, superlink, tail, code))
+
+
+def _follow(
+    args: Sequence[str], home: Path, on_line: Callable[[str], None]
+) -> tuple[int, list[str]]:
+    """Run a SuperNode to its end, echoing its output; return code and lines."""
     proc = subprocess.Popen(
-        args,
-        env=flower_env(os.environ, Path(tempfile.mkdtemp(prefix="fedpneumo-node-"))),
+        list(args),
+        env=flower_env(os.environ, home),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -259,11 +282,7 @@ def run_supernode(
     # output open): it goes when the SuperNode does.
     code = wait_with_descendants(proc)
     reader.join(timeout=10)
-    if code == 0:
-        return
-    raise FailedRunError(
-        refusal(keys, index, superlink, "\n".join(output[-200:]), code)
-    )
+    return code, output
 
 
 def refusal(

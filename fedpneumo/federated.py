@@ -176,6 +176,9 @@ def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
         cfg.data.path = "synthetic"  # the loud fallback, recorded in the run
     data.split("val")
     check_partitions(cfg, data.split("train").labels)
+    from server_app.privacy import check_budget
+
+    check_budget(cfg, len(data.split("train")))
     url = database_url(cfg) if cfg.tracking.enable_db else ""
     if url:
         upgrade_database(url)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import psutil
 
+from persistence.errors import FailedRunError
+
 APP_DIR = Path(__file__).resolve().parents[1]
 STARTED = re.compile(r"Successfully started run (\d+)")
 READY_TIMEOUT_S = 60.0
@@ -44,6 +46,10 @@ class FlowerOutcome:
     def completed(self) -> bool:
         """Whether Flower reports the run as completed."""
         return self.status == "finished:completed"
+
+
+class SuperLinkUnavailableError(FailedRunError):
+    """No SuperLink answered its health check."""
 
 
 def free_port() -> int:
@@ -119,7 +125,7 @@ def wait_healthy(
     while True:
         if proc is not None and proc.poll() is not None:
             tail = logfile.read_text()[-2000:] if logfile and logfile.exists() else ""
-            raise RuntimeError(f"flower-superlink exited early: {tail}")
+            raise SuperLinkUnavailableError(f"flower-superlink exited early: {tail}")
         try:
             with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 if response.status == 200:
@@ -127,7 +133,10 @@ def wait_healthy(
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no SuperLink answered on {url}")
+            raise SuperLinkUnavailableError(
+                f"no SuperLink answered on {url} within {timeout_s:g} s; check "
+                "the address and that the SuperLink runs"
+            )
         time.sleep(0.2)
 
 

@@ -76,7 +76,7 @@ class CurvePoint:
 
 
 @dataclass(frozen=True)
-class HospitalScore:
+class HospitalResult:
     """One hospital's score of a round's global model on its held-out slice.
 
     ``auroc`` is None when the slice holds one class (AUROC is undefined);
@@ -99,8 +99,8 @@ class HospitalSpread:
     """The worst and best hospital of a round by AUROC, and who has none."""
 
     round_number: int
-    worst: HospitalScore | None
-    best: HospitalScore | None
+    worst: HospitalResult | None
+    best: HospitalResult | None
     without_auroc: list[str]
     hospitals: int
 
@@ -114,7 +114,7 @@ class HospitalSpread:
 
 
 def hospital_spread(
-    round_number: int, scores: Sequence[HospitalScore]
+    round_number: int, scores: Sequence[HospitalResult]
 ) -> HospitalSpread:
     """Return the worst and best hospital of one round by AUROC."""
     scored = [s for s in scores if s.auroc is not None]
@@ -159,7 +159,7 @@ class RunReport:
     curve: list[CurvePoint]
     columns: dict[str, Any]
     # Per-hospital scores of the global model, by round (federated runs).
-    hospitals: dict[int, list[HospitalScore]] = field(default_factory=dict)
+    hospitals: dict[int, list[HospitalResult]] = field(default_factory=dict)
     test: TestScore | None = None
     # Cumulative epsilon after each released round (private runs only).
     epsilons: dict[int, float] = field(default_factory=dict)
@@ -327,7 +327,7 @@ def _rates(row: Any) -> tuple[float | None, float | None]:
 
 def load_hospital_scores(
     session: Session, run_ids: Sequence[int]
-) -> dict[int, dict[int, list[HospitalScore]]]:
+) -> dict[int, dict[int, list[HospitalResult]]]:
     """Return each run's per-hospital scores, by round, hospitals in partition order."""
     rows = session.execute(
         select(ClientEvaluation, Client.client_identifier, Client.partition_id)
@@ -339,13 +339,13 @@ def load_hospital_scores(
             Client.client_identifier,
         )
     )
-    result: dict[int, dict[int, list[HospitalScore]]] = defaultdict(
+    result: dict[int, dict[int, list[HospitalResult]]] = defaultdict(
         lambda: defaultdict(list)
     )
     for ev, identifier, partition_id in rows:
         sensitivity, specificity = _rates(ev)
         result[ev.run_id][ev.round_number].append(
-            HospitalScore(
+            HospitalResult(
                 identifier=identifier,
                 partition_id=partition_id,
                 round_number=ev.round_number,
@@ -384,7 +384,7 @@ def _report(
     experiment: str,
     curve: list[CurvePoint],
     *,
-    hospitals: dict[int, list[HospitalScore]],
+    hospitals: dict[int, list[HospitalResult]],
     test: TestScore | None,
     epsilons: dict[int, float],
 ) -> RunReport:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from fedpneumo.reports import (
         ClientReport,
         CurvePoint,
-        HospitalScore,
+        HospitalResult,
         HospitalSpread,
         RunReport,
     )
@@ -222,7 +222,7 @@ def auroc_cell(value: float | None) -> str:
 
 
 def hospitals_table(
-    run_id: int, round_number: int, what: str, scores: list[HospitalScore]
+    run_id: int, round_number: int, what: str, scores: list[HospitalResult]
 ) -> Table:
     """Return one row per hospital: its score of one round's global model."""
     from fedpneumo.summary import fmt
@@ -270,8 +270,14 @@ def spread_line(spread: HospitalSpread) -> str:
     )
 
 
-# Printed for a run whose data had no test split.
+# Printed for a finished run without a test score: its data had no test split.
 NO_TEST_CLAIM = "test: the data has no test split; nothing is claimed about test"
+# A run that did not finish has no test score whatever its data holds.
+NOT_YET = {
+    "in_progress": "test: not scored yet (once, after the last round)",
+    "failed": "test: not scored (the run did not finish); nothing is claimed",
+    "stale": "test: not scored (the run did not finish); nothing is claimed",
+}
 
 
 def test_line(report: RunReport) -> str:
@@ -280,7 +286,7 @@ def test_line(report: RunReport) -> str:
 
     t = report.test
     if t is None:
-        return NO_TEST_CLAIM
+        return NOT_YET.get(report.status, NO_TEST_CLAIM)
     return (
         f"test (scored once after training, never used for selection; model of "
         f"{step_name(report)} {t.round_number}, val threshold {fmt(t.threshold)}): "

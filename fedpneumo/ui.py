@@ -33,6 +33,8 @@ from fedpneumo.reports import (
     load_failures,
     load_runs,
 )
+from fedpneumo.runs_cli import check_run_ids
+from fedpneumo.tables import test_line
 from persistence.db import mask_url
 from persistence.errors import DatabaseError, InputError, RunNotFoundError
 from persistence.readonly import read_session
@@ -222,6 +224,7 @@ def create_app(url: str) -> FastAPI:
         )
 
     def one_run(run_id: int) -> tuple[RunReport, list[Any], list[dict[str, Any]]]:
+        check_run_ids(run_id)  # no database can hold an id past 64 bits
         with read_session(url) as session:
             (report,) = load_runs(session, [run_id])
             clients = load_clients(session, [run_id])[run_id]
@@ -245,6 +248,7 @@ def create_app(url: str) -> FastAPI:
             config=json.dumps(report.config, indent=2, sort_keys=True),
             failures=failures,
             spreads=spreads,
+            no_test=test_line(report).removeprefix("test: "),
         )
 
     @app.get("/api/runs/{run_id}")
@@ -256,7 +260,7 @@ def create_app(url: str) -> FastAPI:
     def compare_page(
         request: Request, run: Annotated[list[int], Query()] = RUNS_NONE
     ) -> Response:
-        ids = list(dict.fromkeys(run))
+        ids = check_run_ids(list(dict.fromkeys(run)))
         with read_session(url) as session:
             reports = load_runs(session, ids) if ids else []
         diffs = config_differences([r.config for r in reports]) if reports else {}

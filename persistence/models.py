@@ -384,7 +384,8 @@ class PrivacySpent(Base):
     # Private releases composed so far (rounds that produced a global model).
     releases: Mapped[int] = mapped_column(Integer)
     noise_multiplier: Mapped[float] = mapped_column(Float(53))
-    # The clipping norm of the round (it changes per round with adaptive clipping).
+    # The fixed modes' clipping norm; NULL for the adaptive modes, whose norm
+    # moves every round (the current one is in the round checkpoint).
     clipping_norm: Mapped[float | None] = mapped_column(Float(53))
     sampled_clients: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -140,8 +140,13 @@ class ServerEvaluator:
     def save_final(self, arrays: ArrayRecord) -> Path:
         """Save the final global model with its own val threshold."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        last = max(self.history) if self.history else 0
-        threshold = self.history.get(last, {}).get("threshold", 0.5)
+        if self.history:
+            last = max(self.history)
+            threshold = self.history[last]["threshold"]
+        else:  # nothing evaluated in this session (a resumed, finished run)
+            last = self.round_offset
+            device = str(self.cfg.train.device)
+            threshold = evaluate(self.model, self.val, device=device)["threshold"]
         return save_checkpoint(
             self.run_dir / FINAL_MODEL,
             self.model,

@@ -40,6 +40,7 @@ from server_app.factories import (
 from server_app.privacy import (
     PrivacyBudgetReached,
     PrivacyLedger,
+    check_budget,
     default_delta,
     wrap,
 )
@@ -148,6 +149,7 @@ def run_session(grid: Grid, context: Context) -> None:
     if cfg.privacy.mode != PrivacyMode.none and cfg.privacy.delta is None:
         # Stated in the run's config snapshot, so the epsilon is reproducible.
         cfg.privacy.delta = default_delta(len(data.split("train")))
+    check_budget(cfg, len(data.split("train")))
     num_nodes = wait_for_nodes(grid, cfg.simulation.num_supernodes)
     resume_id = int(context.run_config.get("resume-run-id", 0))
     if url and resume_id:
@@ -238,19 +240,6 @@ def _train(
     offset = int(state.get("round", 0))
     if state:
         model.load_state_dict(state["state_dict"])
-    ins = instructions(cfg, recorder.run_id, url)
-    if cfg.train.class_weighting:
-        pos_weight = global_pos_weight(grid, ins.to_config())
-        ins = replace(ins, pos_weight=pos_weight or 0.0)
-    if offset >= cfg.num_rounds:
-        return  # every round ran before: nothing to train, the run completes
-    strategy = make_strategy(cfg, num_nodes)
-    runner = wrap(cfg, strategy, strategy.min_train_nodes)
-    privacy = (
-        PrivacyLedger(cfg.privacy, population=num_nodes)
-        if cfg.privacy.mode != PrivacyMode.none
-        else None
-    )
     evaluator = ServerEvaluator(
         cfg,
         model,
@@ -260,6 +249,39 @@ def _train(
         model_meta(cfg),
         round_offset=offset,
         best_auroc=float(state.get("best_auroc", -math.inf)),
+    )
+    # The final model until a round is evaluated: what a resumed run starts
+    # from, or all a private run has when no round released a model.
+    evaluator.last_arrays = ArrayRecord(model.state_dict())
+    if offset < cfg.num_rounds:
+        _run_rounds(cfg, grid, recorder, evaluator, num_nodes, state, url)
+    # else every round ran before: nothing to train, the run completes.
+    final = evaluator.save_final(evaluator.last_arrays)
+    recorder.update(final_model_path=str(final))
+    evaluator.score_test(data.splits.get("test"))
+
+
+def _run_rounds(
+    cfg: AppConfig,
+    grid: Grid,
+    recorder: RunRecorder,
+    evaluator: ServerEvaluator,
+    num_nodes: int,
+    state: dict[str, Any],
+    url: str | None,
+) -> None:
+    """Run the remaining rounds with the configured (and DP-wrapped) strategy."""
+    offset = evaluator.round_offset
+    ins = instructions(cfg, recorder.run_id, url)
+    if cfg.train.class_weighting:
+        pos_weight = global_pos_weight(grid, ins.to_config())
+        ins = replace(ins, pos_weight=pos_weight or 0.0)
+    strategy = make_strategy(cfg, num_nodes)
+    runner = wrap(cfg, strategy, strategy.min_train_nodes)
+    privacy = (
+        PrivacyLedger(cfg.privacy, population=num_nodes)
+        if cfg.privacy.mode != PrivacyMode.none
+        else None
     )
     evaluator.strategy = runner
     strategy.attach(
@@ -274,23 +296,18 @@ def _train(
     )
     if state.get("strategy_state"):
         runner.restore(state["strategy_state"])
+    assert evaluator.last_arrays is not None
     try:
-        result = runner.start(
+        runner.start(
             grid,
-            ArrayRecord(model.state_dict()),
+            evaluator.last_arrays,
             num_rounds=cfg.num_rounds - offset,
             timeout=ROUND_TIMEOUT_S,
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
             evaluate_fn=evaluator,
         )
-        final_arrays = result.arrays
     except PrivacyBudgetReached as stop:
         # The run is complete as far as its budget allows: not a failure.
         log.info("federated run %d stopped: %s", recorder.run_id, stop)
         recorder.update(stop_reason=str(stop))
-        assert evaluator.last_arrays is not None
-        final_arrays = evaluator.last_arrays
-    final = evaluator.save_final(final_arrays)
-    recorder.update(final_model_path=str(final))
-    evaluator.score_test(data.splits.get("test"))

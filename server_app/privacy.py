@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -33,7 +34,12 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from server_app.choices import PrivacyMode
-from server_app.config import AppConfig, PrivacySettings
+from server_app.config import (
+    AppConfig,
+    ConfigError,
+    PrivacySettings,
+    sampled_clients,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,31 @@ def default_delta(num_train_images: int) -> float:
     exponent = math.floor(math.log10(1.0 / num_train_images))
     delta = 10.0**exponent
     return delta / 10 if delta >= 1.0 / num_train_images else delta
+
+
+def check_budget(cfg: AppConfig, num_train_images: int) -> None:
+    """Refuse a budget that a single round already exceeds (nothing would train).
+
+    Raises:
+        ConfigError: privacy.max_epsilon is below one round's epsilon.
+    """
+    p = cfg.privacy
+    if p.mode == PrivacyMode.none or p.max_epsilon is None:
+        return
+    delta = p.delta or default_delta(num_train_images)
+    population = cfg.simulation.num_supernodes
+    ledger = PrivacyLedger(replace(p, delta=delta, max_epsilon=None), population)
+    ledger.accountant.compose(
+        GaussianPrivacyEvent(p.noise_multiplier, sampled_clients(cfg), population)
+    )
+    one_round = ledger.accountant.get_privacy_spent().epsilon
+    if one_round > p.max_epsilon:
+        raise ConfigError(
+            f"privacy.max_epsilon={p.max_epsilon:g} is below what one round spends "
+            f"({one_round:.4g} at delta {delta:g} with privacy.noise_multiplier="
+            f"{p.noise_multiplier:g}): the run would train nothing; raise "
+            "privacy.max_epsilon or privacy.noise_multiplier"
+        )
 
 
 class PrivacyLedger:

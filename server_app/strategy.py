@@ -158,15 +158,35 @@ class TrackingMixin:
         else:
             ok = self.account_replies(server_round, replies)
         self.accounted_round = None
-        if self.privacy is not None:
-            for message in ok:
-                next(iter(message.content.metric_records.values()))[NUM_EXAMPLES] = 1
-        arrays, metrics = super().aggregate_train(round_number, ok)  # type: ignore[misc]
+        if self.privacy is None:
+            arrays, metrics = super().aggregate_train(round_number, ok)  # type: ignore[misc]
+        else:
+            arrays, metrics = self._uniform_mean(round_number, ok)
         if metrics is not None:
             self.recorder.record_aggregate(round_number, dict(metrics))
         if arrays is not None and self.privacy is not None:
             spent = self.privacy.released(round_number)
             self.recorder.record_privacy(round_number, self.privacy.row(spent))
+        return arrays, metrics
+
+    def _uniform_mean(
+        self, round_number: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the updates with equal weights (the DP noise covers that mean).
+
+        The metrics keep their example weights, as in every other run, so the
+        aggregates of private and non-private runs compare.
+        """
+        records = [next(iter(m.content.metric_records.values())) for m in replies]
+        weights = [record[NUM_EXAMPLES] for record in records]
+        for record in records:
+            record[NUM_EXAMPLES] = 1
+        arrays, _ = super().aggregate_train(round_number, replies)  # type: ignore[misc]
+        for record, weight in zip(records, weights, strict=True):
+            record[NUM_EXAMPLES] = weight
+        metrics = self.train_metrics_aggr_fn(  # type: ignore[attr-defined]
+            [m.content for m in replies], NUM_EXAMPLES
+        )
         return arrays, metrics
 
     def account_replies(

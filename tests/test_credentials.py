@@ -70,8 +70,9 @@ def test_keys_make_a_ca_a_superlink_certificate_and_node_key_pairs(
     )
     assert code == 2
     assert err.strip().splitlines() == [
-        f"error: {keys} already holds ca.crt, ca.key, superlink.key; choose an empty "
-        "folder (a new CA would not match the certificates and keys already deployed)"
+        f"error: {keys} already holds ca.crt, ca.key, superlink.crt, superlink.key, "
+        "supernode-0, supernode-0.pub; choose an empty folder (a new CA would not "
+        "match the certificates and keys already deployed)"
     ]
     assert add_node_key(keys, 2)[0].name == "supernode-2"
 
@@ -140,4 +141,76 @@ def test_deploy_commands_need_keys_or_the_named_insecure_mode(
     assert err.strip().splitlines() == [
         "error: give --keys DIR (TLS and SuperNode authentication) or, for a local "
         "experiment only, --insecure-local-only"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["keys", "--out", "{file}", "--nodes", "1"],
+            "error: --out {file} is a file; give a folder",
+        ),
+        (
+            ["keys", "--out", "{tmp}/k", "--nodes", "1", "--name", "bad name"],
+            "error: --name 'bad name' is not a host name or IP address (letters, "
+            "digits, '-' and '.', such as superlink.example.org)",
+        ),
+        (
+            ["keys", "--out", "{tmp}/k", "--nodes", "1", "--days", "100000000"],
+            "error: --days 100000000: give 1 to 3650 days",
+        ),
+        (
+            ["add-node", "--keys", "{tmp}/missing", "--index", "3"],
+            "error: --keys {tmp}/missing is not a folder of key material",
+        ),
+        (
+            [
+                "register",
+                "--keys",
+                "{tmp}",
+                "--superlink",
+                "127.0.0.1:1",
+                "--nodes",
+                "1",
+            ],
+            "error: {tmp}/ca.crt does not exist",
+        ),
+    ],
+    ids=["out-is-a-file", "bad-name", "huge-days", "add-to-nothing", "no-ca"],
+)
+def test_bad_deploy_input_is_one_line(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "file").write_text("x")
+    subst = {"{file}": str(tmp_path / "file"), "{tmp}": str(tmp_path)}
+
+    def fill(text: str) -> str:
+        for key, value in subst.items():
+            text = text.replace(key, value)
+        return text
+
+    code, _, err = cli(monkeypatch, capsys, "deploy", *map(fill, args))
+    assert code == 2, err
+    assert err.strip().splitlines() == [fill(message)]
+    assert not (tmp_path / "k").exists()
+
+
+def test_a_superlink_key_of_another_certificate_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys, other = tmp_path / "keys", tmp_path / "other"
+    make_keys(keys, 1)
+    make_keys(other, 1)
+    (keys / "superlink.key").write_bytes((other / "superlink.key").read_bytes())
+    code, _, err = check(monkeypatch, capsys, "--keys", str(keys))
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: {keys / 'superlink.key'} is not the private key of "
+        f"{keys / 'superlink.crt'}: they come from different `fedpneumo deploy keys` "
+        "runs"
     ]

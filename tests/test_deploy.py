@@ -235,6 +235,8 @@ def test_deploy_compose_is_secure_by_default_and_holds_no_key_material(
             }, name
         if name in ("submit", *SUPERNODES, "register"):
             assert not [v for v in mounts if "superlink.key" in v or "ca.key" in v]
+        if name in ("submit", "register"):  # public halves only
+            assert not [v for v in mounts if re.search(r"supernode-\d+:", v)], name
     # PostgreSQL: the compose network and the host's loopback only.
     assert all(p.startswith("127.0.0.1:") for p in svc["postgres"]["ports"])
     # No key material in the repository; keys/ is ignored.

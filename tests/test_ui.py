@@ -96,6 +96,7 @@ def test_another_host_is_warned_about_and_a_busy_port_is_one_line(
 
 def test_the_live_data_is_strict_json_when_a_metric_is_nan(sqlite_url: str) -> None:
     import json
+    import urllib.error
     import urllib.request
 
     with session_scope(get_engine(sqlite_url)) as s:
@@ -111,5 +112,12 @@ def test_the_live_data_is_strict_json_when_a_metric_is_nan(sqlite_url: str) -> N
         )
     with dashboard(sqlite_url) as (address, _):
         body = urllib.request.urlopen(f"{address}/api/runs/{run_id}").read()
+        # An id past 64 bits is an unknown run, not a server error.
+        huge = "99999999999999999999"
+        for path in (f"/runs/{huge}", f"/compare?run={huge}"):
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(address + path)
+            assert missing.value.code == 404, path
+            assert f"run {huge} does not exist" in missing.value.read().decode()
     data = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert data["curve"][0]["train_loss"] is None
