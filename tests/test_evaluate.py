@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from client_app.data import Split, make_synthetic
 from client_app.metric_keys import SERVER_EVAL_KEYS
-from client_app.trainer import load_checkpoint
+from client_app.trainer import evaluate, load_checkpoint
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope
 from persistence.models import ServerEvaluation
@@ -215,9 +215,16 @@ def test_save_final_uses_the_last_rounds_threshold(
     assert same_weights(final["state_dict"], last)
 
 
-def test_save_final_without_evaluations_uses_the_default_threshold(
+def test_save_final_without_evaluations_scores_the_model_for_its_threshold(
     cfg: AppConfig, val: Split, tmp_path: Path
 ) -> None:
+    # A resumed run whose rounds all ran before evaluates nothing itself: its
+    # final model still gets its own val threshold, not a default.
     evaluator = evaluator_for(cfg, val, RunRecorder(None, 0, tmp_path / "run"))
-    final = load_checkpoint(evaluator.save_final(model_arrays(cfg, 0)))
-    assert (final["round"], final["threshold"]) == (0, 0.5)
+    evaluator.round_offset = 4
+    arrays = model_arrays(cfg, 0)
+    final = load_checkpoint(evaluator.save_final(arrays))
+    model = build_model(cfg)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    own = evaluate(model, val, device="cpu")["threshold"]
+    assert (final["round"], final["threshold"]) == (4, pytest.approx(own))
