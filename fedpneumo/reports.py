@@ -76,22 +76,28 @@ class CurvePoint:
 
 
 @dataclass(frozen=True)
-class HospitalResult:
-    """One hospital's score of a round's global model on its held-out slice.
+class Scores:
+    """A model's scores on some images; a rate that is undefined is None.
 
-    ``auroc`` is None when the slice holds one class (AUROC is undefined);
-    ``specificity`` is None when it holds no negatives.
+    ``auroc`` is None when the images hold one class; ``sensitivity`` when
+    they hold no positives, ``specificity`` when they hold no negatives.
     """
 
-    identifier: str
-    partition_id: int | None
-    round_number: int
     num_samples: int | None
     auroc: float | None
     accuracy: float | None
     f1_score: float | None
     sensitivity: float | None
     specificity: float | None
+
+
+@dataclass(frozen=True)
+class HospitalResult(Scores):
+    """One hospital's score of a round's global model on its held-out slice."""
+
+    identifier: str
+    partition_id: int | None
+    round_number: int
 
 
 @dataclass(frozen=True)
@@ -128,18 +134,12 @@ def hospital_spread(
 
 
 @dataclass(frozen=True)
-class TestScore:
+class TestScore(Scores):
     """A run's end-of-run score on the test split (never used for selection)."""
 
     __test__ = False  # not a test class
 
     round_number: int
-    num_samples: int | None
-    auroc: float | None
-    accuracy: float | None
-    f1_score: float | None
-    sensitivity: float | None
-    specificity: float | None
     threshold: float | None
 
 
