@@ -34,10 +34,7 @@ SERVER_PANELS = (
 )
 CLIENT_PANEL_TITLE = "Train loss: thin = one client, dashed = centralized"
 CLIENT_PANEL_YLABEL = "train BCE loss (last local epoch)"
-HOSPITAL_PANEL_TITLE = (
-    "Each hospital's AUROC of the global model (held-out slice; "
-    "gap = one-class slice, no AUROC)"
-)
+HOSPITAL_PANEL_TITLE = "Each hospital's AUROC (own held-out slice; gap = one class)"
 # Config keys left out of the legend: bookkeeping that does not change the
 # model, or facts the label already states (strategy, partition, synthetic).
 LEGEND_SKIPPED_KEYS = (
