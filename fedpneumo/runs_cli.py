@@ -121,7 +121,7 @@ def list_runs(
             point_cell(best, "auroc"),
             point_cell(best, "accuracy"),
             "-" if best is None else f"{step_name(r)} {best.step}",
-            "" if r.final_epsilon is None else epsilon_cell(r.final_epsilon),
+            epsilon_cell(r.final_epsilon),
             fmt_duration(r.duration_s),
         )
     console.print(table)
@@ -252,10 +252,7 @@ def compare(
     rows.append(
         (
             "final epsilon",
-            [
-                "" if r.final_epsilon is None else epsilon_cell(r.final_epsilon)
-                for r in reports
-            ],
+            [epsilon_cell(r.final_epsilon) for r in reports],
         )
     )
     # Scored once at the end on the test split, never used to pick anything.

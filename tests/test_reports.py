@@ -192,6 +192,7 @@ def test_list_shows_status_progress_and_best_val_auroc(tracked: Tracked) -> None
             fmt(auroc[best]),
             fmt(accuracy[best]),
             f"epoch {best}",
+            "-",  # not a private run: no epsilon
             fmt_duration((central.end_time - central.start_time).total_seconds()),
         ]
         evals = server_evals(s, federated.id)
@@ -206,6 +207,7 @@ def test_list_shows_status_progress_and_best_val_auroc(tracked: Tracked) -> None
             fmt(top.auroc),
             fmt(top.accuracy),
             f"round {top.round_number}",
+            "-",
             fmt_duration((federated.end_time - federated.start_time).total_seconds()),
         ]
     only = runs_cmd(tracked.url, "list", "--experiment", "baseline")
