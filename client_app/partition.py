@@ -11,22 +11,21 @@ import logging
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset, disable_progress_bars
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    PathologicalPartitioner,
-)
-from flwr_datasets.partitioner.partitioner import Partitioner
 
 from client_app.data import DataError, Split, XrayData, load_data
 from client_app.messages import TrainInstructions
 
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner.partitioner import Partitioner
+
+# flwr-datasets and datasets are imported where partitions are drawn: together
+# they take about 2 s to import, which a command that stops at a bad input (or
+# never partitions, like centralized training) should not pay.
+
 log = logging.getLogger(__name__)
-# The index bookkeeping below takes milliseconds; its progress bars are noise.
-disable_progress_bars()
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,12 @@ class PartitionSpec:
 
 def make_partitioner(spec: PartitionSpec) -> Partitioner:
     """Build the flwr-datasets partitioner the spec names."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
     if spec.name == "iid":
         return IidPartitioner(num_partitions=spec.num_partitions)
     if spec.name == "dirichlet":
@@ -123,6 +128,10 @@ def draw_partitions(spec: PartitionSpec, labels: np.ndarray) -> tuple[np.ndarray
             f"there are {len(labels)}; use fewer clients or a smaller "
             "partition.min_partition_size"
         )
+    from datasets import Dataset, disable_progress_bars
+
+    # The index bookkeeping below takes milliseconds; its progress bars are noise.
+    disable_progress_bars()
     dataset = Dataset.from_dict(
         {"label": labels.tolist(), "row": list(range(len(labels)))}
     )
