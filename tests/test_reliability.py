@@ -18,7 +18,6 @@ from client_app.messages import REPLY_METRICS
 from fedpneumo.flower import descendants, kill_tree, process_alive
 from persistence import repositories as repo
 from persistence.db import get_engine, session_scope, upgrade_database
-from persistence.entries import MetricBatch
 from persistence.models import (
     Client,
     ClientEvaluation,
@@ -27,11 +26,11 @@ from persistence.models import (
     RunMetric,
     ServerEvaluation,
 )
-from persistence.spool import DurableWriter
 from tests.conftest import run_cli
 from tests.faults import fault_app
 from tests.pg_server import ThrowawayPostgres
 from tests.test_federated import PER_EPOCH, assert_complete_run
+from tests.writers import write_for
 
 # Every test here starts Flower or trains: the e2e tier.
 pytestmark = pytest.mark.e2e
@@ -237,27 +236,6 @@ def test_too_few_replies_fail_the_run_with_the_reason(
     assert "only 2 of 3 clients replied" in result.stderr
 
 
-def _writer(url: str, spool: str, worker: int, seconds: float, queue: mp.Queue) -> None:
-    """Write metric batches for `seconds`; report (rows written, failures)."""
-    writer = DurableWriter(url, Path(spool) / f"w{worker}")
-    rows = failures = step = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        points = [
-            repo.MetricPoint(f"m{i}", float(step), step=step, dataset_type="train")
-            for i in range(10)
-        ]
-        batch = MetricBatch(run_id=1, points=points, client_identifier=f"w{worker}")
-        try:
-            writer.write(batch.to_entry())
-        except Exception:  # noqa: BLE001 - counted, asserted to be zero
-            failures += 1
-        rows += len(points)
-        step += 1
-    left = writer.flush(timeout_s=60)
-    queue.put((rows, failures, left))
-
-
 def test_eight_processes_write_one_sqlite_file(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     upgrade_database(url)
@@ -267,7 +245,7 @@ def test_eight_processes_write_one_sqlite_file(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_writer, args=(url, str(tmp_path), i, 10.0, queue))
+        ctx.Process(target=write_for, args=(url, str(tmp_path), i, 5.0, queue))
         for i in range(8)
     ]
     for p in procs:
