@@ -19,10 +19,12 @@ run: install ## A short federated simulation on SQLite, then a run summary
 	$(BIN)/fedpneumo run $(ARGS)
 
 # Three workers: the e2e tests spend much of their time waiting on processes
-# (Flower, Ray, PostgreSQL), so they overlap well even on two cores. Whole
-# modules go to one worker, so their module-scoped runs are made once. One
-# math thread per process (inherited by every CLI, Flower and Ray process a
-# test starts): three workers with a thread per core each oversubscribe it.
+# (Flower polls, Ray, PostgreSQL), so they overlap well even on two cores
+# (a fourth oversubscribes them: each e2e run starts its own Ray workers).
+# Tests are scheduled one by one, except the modules tests/conftest.py keeps
+# together (their module-scoped runs are made once, on one worker). One math
+# thread per process (inherited by every CLI, Flower and Ray process a test
+# starts): several workers with a thread per core each oversubscribe it.
 WORKERS ?= 3
 test: install lint ## The whole suite (lint, then pytest, e2e included)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) --dist loadscope $(ARGS)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,28 @@ BACKENDS = ("sqlite", "postgres")
 # read_only_dir / full_dir: real read-only and full file systems;
 # browser: headless Chromium (tests/dashboard.py).
 pytest_plugins = ["tests.mounts", "tests.dashboard"]
+
+# Modules whose tests inspect runs a module-scoped fixture makes once: under
+# `make test` (xdist) each goes whole to one worker. Every other test is
+# scheduled on its own, so the long ones spread over the workers instead of
+# queueing behind each other in one module.
+SHARED_RUN_MODULES = {"test_federated.py", "test_reports.py"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Schedule by test, keeping each shared-run module on one worker.
+
+    (xdist's own loadgroup cannot do it on pytest 9.2: it renames items
+    through an attribute pytest no longer reads.)
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name in SHARED_RUN_MODULES else nodeid
+
+    return SharedRunScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
