@@ -86,10 +86,14 @@ def centralized_collector(
     )
 
 
-def run_centralized(cfg: AppConfig) -> CentralizedResult:
-    """Train on the train split, select on val, record one centralized run."""
+def run_centralized(cfg: AppConfig, data: XrayData | None = None) -> CentralizedResult:
+    """Train on the train split, select on val, record one centralized run.
+
+    ``data`` is the configured data when the caller has loaded it already.
+    """
     # Validate the input before touching the database: bad data leaves no trace.
-    data = configured_data(cfg, allow_synthetic_fallback=True)
+    if data is None:
+        data = configured_data(cfg, allow_synthetic_fallback=True)
     url = database_url(cfg) if cfg.tracking.enable_db else ""
     if url:
         upgrade_database(url)
