@@ -28,6 +28,7 @@ def centralized_epochs(
     """Return steady-state epoch seconds and the start-up seconds of training."""
     from fedpneumo.centralized import run_centralized
     from server_app.compose import load_config, resolve_paths
+    from server_app.factories import centralized_input
 
     started = time.monotonic()
     cfg = resolve_paths(
@@ -41,7 +42,7 @@ def centralized_epochs(
             ]
         )
     )
-    result = run_centralized(cfg)
+    result = run_centralized(cfg, *centralized_input(cfg))
     total = time.monotonic() - started
     seconds = [h["epoch_seconds"] for h in result.fit.history]
     return seconds[1:], total - sum(seconds)

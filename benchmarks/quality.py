@@ -252,6 +252,7 @@ def centralized(base: list[str], data: str, reuse: bool) -> dict[str, float]:
     """Run the centralized baseline with the same preset."""
     from fedpneumo.centralized import run_centralized
     from server_app.compose import load_config, resolve_paths
+    from server_app.factories import centralized_input
 
     cfg = resolve_paths(load_config(base))
     cfg.train.epochs = cfg.num_rounds * cfg.train.local_epochs
@@ -259,7 +260,7 @@ def centralized(base: list[str], data: str, reuse: bool) -> dict[str, float]:
     if reused is not None:
         print(f"reusing completed run {reused[0].id} for centralized", flush=True)
         return reused_centralized_row(*reused, data)
-    result = run_centralized(cfg)
+    result = run_centralized(cfg, *centralized_input(cfg))
     summary = result.fit.summary
     row = {
         "run_id": result.run_id,

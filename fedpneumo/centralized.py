@@ -26,12 +26,11 @@ from client_app.trainer import (
 )
 from fedpneumo.progress import ProgressReporter
 from persistence import repositories as repo
-from persistence.db import get_engine, session_scope, upgrade_database
-from server_app.compose import database_url, snapshot
+from persistence.db import get_engine, session_scope
+from server_app.compose import snapshot
 from server_app.config import AppConfig
 from server_app.factories import (
     build_model,
-    configured_data,
     model_meta,
     train_settings,
 )
@@ -86,17 +85,12 @@ def centralized_collector(
     )
 
 
-def run_centralized(cfg: AppConfig, data: XrayData | None = None) -> CentralizedResult:
+def run_centralized(cfg: AppConfig, data: XrayData, url: str) -> CentralizedResult:
     """Train on the train split, select on val, record one centralized run.
 
-    ``data`` is the configured data when the caller has loaded it already.
+    ``data`` and ``url`` come from ``centralized_input``, which the caller
+    runs first so that bad input fails before torch loads.
     """
-    # Validate the input before touching the database: bad data leaves no trace.
-    if data is None:
-        data = configured_data(cfg, allow_synthetic_fallback=True)
-    url = database_url(cfg) if cfg.tracking.enable_db else ""
-    if url:
-        upgrade_database(url)
     train, val = data.split("train"), data.split("val")
     test = data.splits.get("test")
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")

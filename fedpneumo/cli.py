@@ -102,7 +102,7 @@ Overrides = Annotated[
 @app.command(context_settings=OVERRIDES_CONTEXT)
 def train(overrides: Overrides = None) -> None:
     """Train a centralized baseline; select on val; record one centralized run."""
-    from server_app.compose import database_url, load_config, resolve_paths
+    from server_app.compose import load_config, resolve_paths
     from server_app.resources import check_compute, check_outputs
 
     cfg = resolve_paths(load_config(overrides or []))
@@ -110,24 +110,20 @@ def train(overrides: Overrides = None) -> None:
     check_outputs(cfg)
     # The data and the database are checked before torch and scikit-learn load
     # (3 s): a bad file or an unreachable server fails in about a second.
-    from persistence.db import upgrade_database
-    from server_app.factories import configured_data
+    from server_app.factories import centralized_input
 
-    data = configured_data(cfg, allow_synthetic_fallback=True)
-    if cfg.tracking.enable_db:
-        upgrade_database(database_url(cfg))
+    data, url = centralized_input(cfg)
     from fedpneumo.centralized import run_centralized
     from fedpneumo.summary import print_centralized_summary
 
     try:
-        result = run_centralized(cfg, data)
+        result = run_centralized(cfg, data, url)
     except KeyboardInterrupt:
         sys.stderr.write(
             "interrupted: training stopped and its tracked run is marked failed; "
             "run the same command to start again\n"
         )
         raise
-    url = database_url(cfg) if cfg.tracking.enable_db else ""
     print_centralized_summary(console, result, url)
 
 

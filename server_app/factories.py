@@ -14,6 +14,8 @@ import numpy as np
 from client_app.data import XrayData, load_data
 from client_app.messages import TrainInstructions
 from client_app.partition import PartitionSpec, draw_partitions
+from persistence.db import upgrade_database
+from server_app.compose import database_url
 from server_app.config import AppConfig, ConfigError, partition_seed
 
 if TYPE_CHECKING:
@@ -36,6 +38,20 @@ def configured_data(
         seed=cfg.seed,
         allow_synthetic_fallback=allow_synthetic_fallback,
     )
+
+
+def centralized_input(cfg: AppConfig) -> tuple[XrayData, str]:
+    """Load the data, then migrate the tracking database; return both.
+
+    Returns the data and the database URL ('' with tracking off). Needs no
+    torch, so bad input fails before it loads; bad data leaves no trace in
+    the database.
+    """
+    data = configured_data(cfg, allow_synthetic_fallback=True)
+    url = database_url(cfg) if cfg.tracking.enable_db else ""
+    if url:
+        upgrade_database(url)
+    return data, url
 
 
 def model_spec(cfg: AppConfig) -> dict[str, Any]:
