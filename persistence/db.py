@@ -9,19 +9,20 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from persistence.errors import DatabaseError, InputError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported where a schema is read or migrated: every process that
+# only writes rows (each client of a simulation) would pay its 0.2 s import.
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,8 @@ def _scrub(exc: BaseException, url: str) -> str:
 
 
 def _alembic_config() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config
@@ -337,6 +340,8 @@ def _alembic_config() -> Config:
 
 def head_revision() -> str:
     """Return the newest migration revision this code knows."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
     assert head is not None
     return head
@@ -344,6 +349,8 @@ def head_revision() -> str:
 
 def current_revision(engine: Engine) -> str | None:
     """Return the migration revision a database is at (None when unversioned)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
@@ -355,6 +362,10 @@ def upgrade_database(url: str) -> tuple[str | None, str]:
         DatabaseError: unreachable server, wrong credentials, or a schema at a
             migration this version of fedpneumo does not know.
     """
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
     engine = get_engine(url)
     script = ScriptDirectory.from_config(_alembic_config())
     head = script.get_current_head()
