@@ -91,17 +91,15 @@ def target(
 
 def federated_session(overrides: list[str], env: dict[str, str] | None = None) -> Any:
     """Run one `fedpneumo run` session in this process; return its outcome."""
-    from fedpneumo.federated import launch, launch_env, prepare, server_overrides
+    from fedpneumo.federated import launch, launch_env, new_session_config, prepare
     from fedpneumo.launcher import LocalSuperLink
+    from server_app.compose import load_config, resolve_paths
 
-    cfg, url = prepare(overrides)
+    cfg, url = prepare(resolve_paths(load_config(overrides)))
     launch_vars = {**launch_env(url, cfg), **(env or {})}
     with LocalSuperLink(launch_vars, Path.cwd()) as superlink:
         outcome = launch(
-            cfg,
-            url,
-            {"overrides": server_overrides(overrides, cfg), "resume-run-id": 0},
-            superlink=superlink,
+            cfg, url, new_session_config(overrides, cfg), superlink=superlink
         )
     if not outcome.flower.completed:
         raise RuntimeError(

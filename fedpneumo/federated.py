@@ -162,9 +162,12 @@ def federation_config(cfg: AppConfig) -> str:
     return " ".join(parts)
 
 
-def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
-    """Compose and check everything that can fail before Flower starts."""
-    cfg = resolve_paths(load_config(overrides))
+def prepare(cfg: AppConfig) -> tuple[AppConfig, str]:
+    """Check everything about a composed config that can fail before Flower starts.
+
+    Returns the config (``data.path`` set when the data is the synthetic
+    fallback) and the migrated database's URL ('' with tracking off).
+    """
     check_compute(cfg)
     check_outputs(cfg)
     # Imported once the config is valid: a typo fails before torch and the
@@ -183,6 +186,17 @@ def prepare(overrides: Sequence[str]) -> tuple[AppConfig, str]:
     if url:
         upgrade_database(url)
     return cfg, url
+
+
+def new_session_config(
+    overrides: Sequence[str], cfg: AppConfig
+) -> dict[str, str | int]:
+    """Return the Flower run config of a new session that ``prepare`` checked."""
+    return {
+        "overrides": server_overrides(overrides, cfg),
+        "resume-run-id": 0,
+        "prechecked": 1,
+    }
 
 
 def launch_env(url: str, cfg: AppConfig) -> dict[str, str]:
@@ -372,12 +386,11 @@ def run_sessions(
     outcomes = []
     with LocalSuperLink(launch_env(url0, cfg0), Path.cwd(), app_dir) as superlink:
         # Checked while the SuperLink starts: a failure stops it unused.
-        prepared = [(combo, *prepare(combo)) for combo in combos]
+        prepared = [
+            (combo, *prepare(cfg)) for combo, cfg in zip(combos, configs, strict=True)
+        ]
         for combo, cfg, url in prepared:
-            run_config: dict[str, str | int] = {
-                "overrides": server_overrides(combo, cfg),
-                "resume-run-id": 0,
-            }
+            run_config = new_session_config(combo, cfg)
             outcomes.append(
                 launch(cfg, url, run_config, superlink=superlink, echo=echo)
             )
