@@ -95,7 +95,8 @@ def federated_session(overrides: list[str], env: dict[str, str] | None = None) -
     from fedpneumo.launcher import LocalSuperLink
     from server_app.compose import load_config, resolve_paths
 
-    cfg, url = prepare(resolve_paths(load_config(overrides)))
+    cfg = resolve_paths(load_config(overrides))
+    url = prepare(cfg)
     launch_vars = {**launch_env(url, cfg), **(env or {})}
     with LocalSuperLink(launch_vars, Path.cwd()) as superlink:
         outcome = launch(

@@ -162,11 +162,11 @@ def federation_config(cfg: AppConfig) -> str:
     return " ".join(parts)
 
 
-def prepare(cfg: AppConfig) -> tuple[AppConfig, str]:
+def prepare(cfg: AppConfig) -> str:
     """Check everything about a composed config that can fail before Flower starts.
 
-    Returns the config (``data.path`` set when the data is the synthetic
-    fallback) and the migrated database's URL ('' with tracking off).
+    Sets ``data.path`` to ``synthetic`` when the data is that fallback. Returns
+    the migrated database's URL ('' with tracking off).
     """
     check_compute(cfg)
     check_outputs(cfg)
@@ -185,7 +185,7 @@ def prepare(cfg: AppConfig) -> tuple[AppConfig, str]:
     url = database_url(cfg) if cfg.tracking.enable_db else ""
     if url:
         upgrade_database(url)
-    return cfg, url
+    return url
 
 
 def new_session_config(
@@ -386,10 +386,8 @@ def run_sessions(
     outcomes = []
     with LocalSuperLink(launch_env(url0, cfg0), Path.cwd(), app_dir) as superlink:
         # Checked while the SuperLink starts: a failure stops it unused.
-        prepared = [
-            (combo, *prepare(cfg)) for combo, cfg in zip(combos, configs, strict=True)
-        ]
-        for combo, cfg, url in prepared:
+        urls = [prepare(cfg) for cfg in configs]
+        for combo, cfg, url in zip(combos, configs, urls, strict=True):
             run_config = new_session_config(combo, cfg)
             outcomes.append(
                 launch(cfg, url, run_config, superlink=superlink, echo=echo)

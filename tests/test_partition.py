@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -176,3 +178,21 @@ def test_pathological_uses_every_class_whatever_the_seed(seed: int) -> None:
     rows = draw_partitions(spec, labels)
     assert sorted(len(r) for r in rows) == [90, 210]  # no image is left unused
     assert {int(labels[r[0]]) for r in rows} == {0, 1}
+
+
+def test_partitioners_leave_a_later_full_flwr_datasets_import_working() -> None:
+    # A fresh interpreter: the partitioners load without the package's plotting
+    # modules, and a later `import flwr_datasets` still runs its __init__.
+    code = (
+        "import sys\n"
+        "from client_app.partition import partitioners\n"
+        "found = partitioners()\n"
+        "assert 'seaborn' not in sys.modules, 'plotting helpers were imported'\n"
+        "import flwr_datasets\n"
+        "assert flwr_datasets.FederatedDataset\n"
+        "assert flwr_datasets.partitioner is found\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
