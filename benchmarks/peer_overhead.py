@@ -12,6 +12,12 @@ SuperLink started the same way, alternating. Steady round time: the time
 between consecutive server evaluations after the first round (fedpneumo's
 from ``server_evaluations.evaluation_time``, the peer's from the time its
 ServerApp prints). Target: whole-run wall fedpneumo / peer <= 1.05.
+
+fedpneumo's trainer computes channels-last on CPU, which the plain loop a
+user would write does not. A third side, the same peer with its model
+channels-last (``peer_channels_last``), runs in the same alternation: the
+ratio against it is what tracking and fedpneumo's other extra work cost on
+their own, without the trainer's faster layout.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from benchmarks.common import save_result, summarize, target
 
 PEER_APP = Path(__file__).resolve().parent / "peer_app"
 ROUND_LINE = "peer-round "
+# The peer again, its model computing channels-last as fedpneumo's trainer does.
+PEER_SAME_LAYOUT = "peer_channels_last"
 
 
 def round_breakdown(url: str, run_id: int, slots: int) -> dict[str, list[float]]:
@@ -120,7 +128,9 @@ def run_fedpneumo(
     return wall, steady(times), parts
 
 
-def run_peer(data: str, rounds: int, clients: int) -> tuple[float, list[float]]:
+def run_peer(
+    data: str, rounds: int, clients: int, channels_last: bool
+) -> tuple[float, list[float]]:
     """Run the peer app on its own SuperLink; return wall and round seconds."""
     started = time.monotonic()
     done = subprocess.run(
@@ -135,6 +145,8 @@ def run_peer(data: str, rounds: int, clients: int) -> tuple[float, list[float]]:
             str(rounds),
             "--clients",
             str(clients),
+            "--channels-last",
+            str(int(channels_last)),
         ],
         capture_output=True,
         text=True,
@@ -159,13 +171,15 @@ def steady(times: list[float]) -> list[float]:
     return durations[1:]
 
 
-def peer_command(data: str, rounds: int, clients: int) -> int:
+def peer_command(data: str, rounds: int, clients: int, channels_last: int) -> int:
     """The peer's whole command: a private SuperLink, `flwr run`, its status."""
     from fedpneumo.launcher import LocalSuperLink
 
+    config = {"data-path": data, "num-rounds": rounds, "num-clients": clients}
+    config["channels-last"] = channels_last
     with LocalSuperLink(dict(os.environ), Path.cwd(), PEER_APP) as superlink:
         outcome = superlink.submit(
-            {"data-path": data, "num-rounds": rounds, "num-clients": clients},
+            config,
             f"num-supernodes={clients} client-resources-num-cpus=1",
             lambda line: print(line, flush=True),
         )
@@ -183,12 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=10)
     args = parser.parse_args(argv)
     data = str(Path(args.data).resolve())
-    walls: dict[str, list[float]] = {"fedpneumo": [], "peer": []}
-    rounds: dict[str, list[float]] = {"fedpneumo": [], "peer": []}
+    sides = ("fedpneumo", "peer", PEER_SAME_LAYOUT)
+    walls: dict[str, list[float]] = {side: [] for side in sides}
+    rounds: dict[str, list[float]] = {side: [] for side in sides}
     parts: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            order = ("fedpneumo", "peer") if repeat % 2 == 0 else ("peer", "fedpneumo")
+            order = sides if repeat % 2 == 0 else sides[::-1]
             for side in order:
                 if side == "fedpneumo":
                     out = Path(tmp) / f"run{repeat}"
@@ -198,25 +213,36 @@ def main(argv: list[str] | None = None) -> dict:
                     for part, values in split.items():
                         parts.setdefault(part, []).extend(values)
                 else:
-                    wall, steady_rounds = run_peer(data, args.rounds, args.clients)
+                    wall, steady_rounds = run_peer(
+                        data, args.rounds, args.clients, side == PEER_SAME_LAYOUT
+                    )
                 walls[side].append(wall)
                 rounds[side].append(statistics.median(steady_rounds))
                 print(
                     f"{side}: {wall:.1f} s, {rounds[side][-1]:.2f} s/round", flush=True
                 )
-    wall_ratios = [
-        a / b for a, b in zip(walls["fedpneumo"], walls["peer"], strict=True)
-    ]
-    round_ratios = [
-        a / b for a, b in zip(rounds["fedpneumo"], rounds["peer"], strict=True)
-    ]
+
+    def ratios(values: dict[str, list[float]], peer: str) -> list[float]:
+        return [a / b for a, b in zip(values["fedpneumo"], values[peer], strict=True)]
+
+    wall_ratios = ratios(walls, "peer")
     figures = {
         "fedpneumo_wall_seconds": summarize(walls["fedpneumo"]),
         "peer_wall_seconds": summarize(walls["peer"]),
         "ratio_wall_fedpneumo_peer": summarize(wall_ratios),
         "fedpneumo_round_seconds": summarize(rounds["fedpneumo"]),
         "peer_round_seconds": summarize(rounds["peer"]),
-        "ratio_round_fedpneumo_peer": summarize(round_ratios),
+        "ratio_round_fedpneumo_peer": summarize(ratios(rounds, "peer")),
+        # The tracking and the product's own extra work alone: the peer given
+        # the trainer's channels-last layout.
+        "peer_channels_last_wall_seconds": summarize(walls[PEER_SAME_LAYOUT]),
+        "ratio_wall_fedpneumo_peer_channels_last": summarize(
+            ratios(walls, PEER_SAME_LAYOUT)
+        ),
+        "peer_channels_last_round_seconds": summarize(rounds[PEER_SAME_LAYOUT]),
+        "ratio_round_fedpneumo_peer_channels_last": summarize(
+            ratios(rounds, PEER_SAME_LAYOUT)
+        ),
         "fedpneumo_round_parts_seconds": {
             part: summarize(values) for part, values in parts.items() if values
         },
@@ -238,7 +264,11 @@ def main(argv: list[str] | None = None) -> dict:
         notes="fedpneumo's side includes what the peer does not do: its config "
         "and data checks before Flower starts, the label-count query before round 1, "
         "tracking every client's epochs and every hospital's evaluation in SQLite, "
-        "the spool, checkpoints and the resume state each round, and the summary.",
+        "the spool, checkpoints and the resume state each round, its local "
+        "validation of every client's model each epoch, and the summary. The peer "
+        "is the plain loop a user would write; fedpneumo's trainer computes "
+        "channels-last on CPU. The ratio against peer_channels_last (the peer in "
+        "that layout) isolates fedpneumo's extra work from that speed-up.",
         argv=argv,
     )
     return figures
@@ -250,6 +280,7 @@ if __name__ == "__main__":
         peer.add_argument("--data", required=True)
         peer.add_argument("--rounds", type=int, required=True)
         peer.add_argument("--clients", type=int, required=True)
+        peer.add_argument("--channels-last", type=int, choices=[0, 1], default=0)
         ns = peer.parse_args(sys.argv[2:])
-        sys.exit(peer_command(ns.data, ns.rounds, ns.clients))
+        sys.exit(peer_command(ns.data, ns.rounds, ns.clients, ns.channels_last))
     main()

@@ -18,6 +18,7 @@ from client_app.trainer import (
     fit,
     load_checkpoint,
     lr_at,
+    predict_proba,
 )
 
 
@@ -105,6 +106,44 @@ def test_proximal_term_keeps_weights_near_the_global_model(data) -> None:  # noq
         )
 
     assert drift(10.0) < drift(0.0)
+
+
+class LayoutProbe(Callback):
+    """Notes whether a conv weight is channels-last when each epoch ends."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.channels_last: list[bool] = []
+
+    def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        self.channels_last.append(
+            self.weight.is_contiguous(memory_format=torch.channels_last)
+            and not self.weight.is_contiguous()
+        )
+
+
+def test_cpu_training_runs_channels_last_and_hands_back_standard_weights(
+    data, tmp_path: Path
+) -> None:  # noqa: ANN001
+    model = build_model("cnn", width=8)
+    # The second conv has 8 input channels: its two layouts differ.
+    weight = model.features[1][0].weight
+    probe = LayoutProbe(weight)
+    settings = TrainSettings(
+        epochs=2,
+        batch_size=32,
+        device="cpu",
+        select_best=True,
+        checkpoint_path=tmp_path / "best.pt",
+    )
+    fit(model, data.split("train"), data.split("val"), settings, callbacks=[probe])
+    # Channels-last for every epoch, the held-out scoring inside it included.
+    assert probe.channels_last == [True, True]
+    assert all(p.is_contiguous() for p in model.parameters())
+    saved = load_checkpoint(tmp_path / "best.pt")["state_dict"]
+    assert all(t.is_contiguous() for t in saved.values())
+    predict_proba(model, data.split("val"), device="cpu")
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 def test_cosine_schedule() -> None:

@@ -5,6 +5,8 @@ fedpneumo's defaults. Each client trains one local epoch with a plain PyTorch
 loop over in-memory tensors (AdamW, batch 64) and scores the global model on
 the slice of its partition it keeps aside; the server scores each round's
 model on val. Nothing is tracked: no database, no files, no checkpoints.
+With the run-config key channels-last=1 the model computes in CPU's
+channels-last layout, as fedpneumo's trainer does.
 Each server evaluation prints ``peer-round N <unix time>`` so that the
 benchmark can time rounds.
 """
@@ -97,11 +99,23 @@ def local(context: Context, data_path: str, seed: int) -> tuple[Split, Split]:
     return client_split(spec, int(context.node_config["partition-id"]))
 
 
-def received(msg: Message) -> nn.Module:
+def laid_out(model: nn.Module, context: Context) -> nn.Module:
+    """The model channels-last when the run config asks for it (CPU's faster layout)."""
+    if int(context.run_config["channels-last"]):
+        return model.to(memory_format=torch.channels_last)
+    return model
+
+
+def received(msg: Message, context: Context) -> nn.Module:
     """The global model the message carries."""
-    model = build_model("cnn")
+    model = laid_out(build_model("cnn"), context)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
+
+
+def standard(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights in the standard layout, as they travel."""
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
 @client.train()
@@ -110,13 +124,13 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     config = context.run_config
     train_split, _ = local(context, str(config["data-path"]), int(config["seed"]))
-    model = received(msg)
+    model = received(msg, context)
     loss = train_epochs(
         model, train_split, 1, int(msg.content["config"]["server-round"])
     )
     metrics = {"train_loss": loss, "num-examples": len(train_split)}
     reply = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+        {"arrays": ArrayRecord(standard(model)), "metrics": MetricRecord(metrics)}
     )
     return Message(reply, reply_to=msg)
 
@@ -127,7 +141,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     config = context.run_config
     _, held_out = local(context, str(config["data-path"]), int(config["seed"]))
-    metrics = {**score(received(msg), held_out), "num-examples": len(held_out)}
+    model = received(msg, context)
+    metrics = {**score(model, held_out), "num-examples": len(held_out)}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -138,7 +153,7 @@ def main(grid: Grid, context: Context) -> None:
     val = load_data(str(config["data-path"])).split("val")
     clients = int(config["num-clients"])
     torch.manual_seed(int(config["seed"]))
-    model = build_model("cnn")
+    model = laid_out(build_model("cnn"), context)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -155,7 +170,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     strategy.start(
         grid,
-        ArrayRecord(model.state_dict()),
+        ArrayRecord(standard(model)),
         num_rounds=int(config["num-rounds"]),
         train_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
