@@ -175,8 +175,12 @@ def peer_command(data: str, rounds: int, clients: int, channels_last: int) -> in
     """The peer's whole command: a private SuperLink, `flwr run`, its status."""
     from fedpneumo.launcher import LocalSuperLink
 
-    config = {"data-path": data, "num-rounds": rounds, "num-clients": clients}
-    config["channels-last"] = channels_last
+    config = {
+        "data-path": data,
+        "num-rounds": rounds,
+        "num-clients": clients,
+        "channels-last": channels_last,
+    }
     with LocalSuperLink(dict(os.environ), Path.cwd(), PEER_APP) as superlink:
         outcome = superlink.submit(
             config,
