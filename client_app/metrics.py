@@ -3,12 +3,7 @@
 import logging
 
 import numpy as np
-from sklearn.metrics import (
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from client_app.metric_keys import (
     ACCURACY,
@@ -47,17 +42,22 @@ def binary_metrics(
     present; ``loss`` is included only when given.
     """
     labels, probs = _check_inputs(labels, probs)
-    preds = (probs >= threshold).astype(np.int64)
-    tn, fp, fn, tp = confusion_matrix(labels, preds, labels=[0, 1]).ravel()
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, preds, average="binary", pos_label=1, zero_division=0
-    )
+    # The four counts directly: scikit-learn's confusion_matrix and
+    # precision_recall_fscore_support re-validate their inputs on every call
+    # (4 of this function's 6 ms, run twice per client and round) for the
+    # same integers. Undefined ratios are 0, as with zero_division=0.
+    predicted = probs >= threshold
+    positive = labels == 1
+    tp = int(np.count_nonzero(predicted & positive))
+    fp = int(np.count_nonzero(predicted & ~positive))
+    fn = int(np.count_nonzero(~predicted & positive))
+    tn = len(labels) - tp - fp - fn
     metrics = {LOSS: float(loss)} if loss is not None else {}
     metrics |= {
-        ACCURACY: float((tp + tn) / len(labels)),
-        PRECISION: float(precision),
-        RECALL: float(recall),
-        F1_SCORE: float(f1),
+        ACCURACY: (tp + tn) / len(labels),
+        PRECISION: tp / (tp + fp) if tp + fp else 0.0,
+        RECALL: tp / (tp + fn) if tp + fn else 0.0,
+        F1_SCORE: 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
         AUROC: _auroc(labels, probs),
         TRUE_POSITIVES: float(tp),
         TRUE_NEGATIVES: float(tn),
