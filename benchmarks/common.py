@@ -91,17 +91,15 @@ def target(
 
 def federated_session(overrides: list[str], env: dict[str, str] | None = None) -> Any:
     """Run one `fedpneumo run` session in this process; return its outcome."""
-    from fedpneumo.federated import launch, launch_env, new_session_config, prepare
-    from fedpneumo.launcher import LocalSuperLink
+    from fedpneumo.federated import launch, new_session_config, prepare
+    from fedpneumo.launcher import LocalSuperLink, launch_env
     from server_app.compose import load_config, resolve_paths
 
     cfg = resolve_paths(load_config(overrides))
     url = prepare(cfg)
-    launch_vars = {**launch_env(url, cfg), **(env or {})}
+    launch_vars = {**launch_env(url, cfg.simulation.ray_address), **(env or {})}
     with LocalSuperLink(launch_vars, Path.cwd()) as superlink:
-        outcome = launch(
-            cfg, url, new_session_config(overrides, cfg), superlink=superlink
-        )
+        outcome = launch(cfg, url, new_session_config(cfg), superlink=superlink)
     if not outcome.flower.completed:
         raise RuntimeError(
             f"benchmark run failed: {outcome.flower.status} {outcome.flower.details}"

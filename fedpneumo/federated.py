@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 import re
 import shlex
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from sqlalchemy.exc import DBAPIError
 
 from fedpneumo.flower import APP_DIR, FlowerOutcome
-from fedpneumo.launcher import LocalSuperLink
+from fedpneumo.launcher import LocalSuperLink, launch_env
 from fedpneumo.progress import ProgressReporter
 from persistence import repositories as repo
 from persistence.db import (
@@ -30,6 +29,7 @@ from persistence.errors import DatabaseError
 from persistence.models import Run, RunStatus
 from server_app.compose import (
     config_from_snapshot,
+    config_message,
     database_url,
     first_line,
     load_config,
@@ -52,9 +52,6 @@ log = logging.getLogger(__name__)
 
 # Lines of Flower's output that may carry the cause of a crash.
 ERROR_HINT = re.compile(r"Error|Exception|Traceback")
-# Overrides the launcher sets itself (absolute paths) or moves out of the
-# run config (a URL may hold a password: it travels in the environment).
-MANAGED_KEYS = {"outputs_dir", "data.path", "db.sqlite_path", "db.url"}
 
 
 @dataclass
@@ -115,11 +112,6 @@ def pending_message(event: dict, url: str) -> str:
     )
 
 
-def override_key(override: str) -> str:
-    """Return the config key an override sets (``+a.b=1`` -> ``a.b``)."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     """Expand Hydra sweep syntax (``a=1,2 b=x,y``) into one override list per run."""
     parsed = parse_overrides(overrides)
@@ -138,15 +130,6 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
             ) from None
         choices.append([f"{key}={v}" for v in values])
     return [list(combo) for combo in itertools.product(*choices)]
-
-
-def server_overrides(user: Sequence[str], cfg: AppConfig) -> str:
-    """Return the overrides string for the ServerApp, with absolute paths."""
-    kept = [o for o in user if override_key(o) not in MANAGED_KEYS]
-    kept += [f"outputs_dir={cfg.outputs_dir}", f"db.sqlite_path={cfg.db.sqlite_path}"]
-    if cfg.data.path:
-        kept.append(f"data.path={cfg.data.path}")
-    return shlex.join(kept)
 
 
 def federation_config(cfg: AppConfig) -> str:
@@ -188,29 +171,14 @@ def prepare(cfg: AppConfig) -> str:
     return url
 
 
-def new_session_config(
-    overrides: Sequence[str], cfg: AppConfig
-) -> dict[str, str | int]:
-    """Return the Flower run config of a new session that ``prepare`` checked."""
-    return {
-        "overrides": server_overrides(overrides, cfg),
-        "resume-run-id": 0,
-        "prechecked": 1,
-    }
+def new_session_config(cfg: AppConfig) -> dict[str, str | int]:
+    """Return the Flower run config of a new session that ``prepare`` checked.
 
-
-def launch_env(url: str, cfg: AppConfig) -> dict[str, str]:
-    """Return the environment for the SuperLink: this one, DATABASE_URL, RAY_ADDRESS.
-
-    Flower's simulation calls ``ray.init()`` without an address, which Ray
-    takes from RAY_ADDRESS: the configured cluster, or ``local`` for a Ray of
-    this run's own (never a cluster some other shell or `ray start` left).
+    The ServerApp gets the composed config itself: it neither loads Hydra nor
+    composes again, and it runs exactly what was checked here (absolute paths,
+    a SQLite ``db.url``; a server URL travels as DATABASE_URL).
     """
-    env = dict(os.environ)
-    if url and not url.startswith("sqlite"):
-        env["DATABASE_URL"] = url
-    env["RAY_ADDRESS"] = cfg.simulation.ray_address or "local"
-    return env
+    return {"config": config_message(cfg), "resume-run-id": 0}
 
 
 def find_run(url: str, flwr_run_id: int | None) -> Run | None:
@@ -368,9 +336,14 @@ def run_sessions(
     *,
     multirun: bool,
     echo: bool,
-    app_dir: Path = APP_DIR,
+    superlink: LocalSuperLink,
 ) -> list[SessionOutcome]:
-    """Run one session, or one per combination of a sweep, on one SuperLink."""
+    """Run one session, or one per combination of a sweep, on one SuperLink.
+
+    ``superlink`` was started before this module loaded (``launch_env()``'s
+    environment): it boots while the configs are composed and checked here,
+    and restarts only if they need another environment.
+    """
     combos = expand_sweep(overrides) if multirun else [list(overrides)]
     # Every combination valid before any creates a database.
     configs = [resolve_paths(load_config(combo)) for combo in combos]
@@ -383,16 +356,13 @@ def run_sessions(
         raise ConfigError("a sweep must use one tracking database (db.*)")
     if len({cfg.simulation.ray_address for cfg in configs}) > 1:
         raise ConfigError("a sweep must use one Ray cluster (simulation.ray_address)")
-    outcomes = []
-    with LocalSuperLink(launch_env(url0, cfg0), Path.cwd(), app_dir) as superlink:
-        # Checked while the SuperLink starts: a failure stops it unused.
-        urls = [prepare(cfg) for cfg in configs]
-        for combo, cfg, url in zip(combos, configs, urls, strict=True):
-            run_config = new_session_config(combo, cfg)
-            outcomes.append(
-                launch(cfg, url, run_config, superlink=superlink, echo=echo)
-            )
-    return outcomes
+    superlink.use_env(launch_env(url0, cfg0.simulation.ray_address))
+    # Checked while the SuperLink starts: a failure stops it unused.
+    urls = [prepare(cfg) for cfg in configs]
+    return [
+        launch(cfg, url, new_session_config(cfg), superlink=superlink, echo=echo)
+        for cfg, url in zip(configs, urls, strict=True)
+    ]
 
 
 def _existing_database(url: str) -> None:
@@ -492,7 +462,8 @@ def resume_session(
         f"db.sqlite_path={cfg.db.sqlite_path}",
     ]
     check_compute(cfg)
-    with LocalSuperLink(launch_env(url, cfg), Path.cwd(), app_dir) as superlink:
+    env = launch_env(url, cfg.simulation.ray_address)
+    with LocalSuperLink(env, Path.cwd(), app_dir) as superlink:
         return launch(
             cfg,
             url,

@@ -87,6 +87,18 @@ def toml_string(value: str) -> str:
     return json.dumps(value)
 
 
+def run_config_value(value: str) -> str:
+    """Quote a string for ``flwr run --run-config key=VALUE``.
+
+    Flower's parser ends a quoted value at the next quote of its kind, escaped
+    or not, so a value holding double quotes (JSON) goes as a TOML literal
+    string, which has no escapes; any other as a basic string.
+    """
+    if '"' in value and "'" not in value and value.isprintable():
+        return f"'{value}'"
+    return toml_string(value)
+
+
 def write_connection(
     home: Path, name: str, address: str, ca_cert: Path | None = None
 ) -> None:
@@ -164,10 +176,10 @@ def flower_status(
 def run_args(
     app_dir: Path, connection: str, run_config: Mapping[str, str | int]
 ) -> list[str]:
-    """Return ``flwr run APP CONNECTION --stream`` with TOML-quoted run config."""
+    """Return ``flwr run APP CONNECTION --stream`` with the run config quoted."""
     args = [flower_bin("flwr"), "run", str(app_dir), connection, "--stream"]
     for key, value in run_config.items():
-        quoted = toml_string(value) if isinstance(value, str) else str(value)
+        quoted = run_config_value(value) if isinstance(value, str) else str(value)
         args += ["--run-config", f"{key}={quoted}"]
     return args
 

@@ -8,6 +8,8 @@ environment (DATABASE_URL included) and working directory, and stops it after.
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -28,7 +30,11 @@ from fedpneumo.flower import (
     write_connection,
 )
 
+log = logging.getLogger(__name__)
+
 CONNECTION = "fedpneumo-local"
+# The variables launch_env sets from the config.
+LAUNCH_KEYS = ("DATABASE_URL", "RAY_ADDRESS")
 # What Flower needs of this project to run it: the app's config, its Hydra
 # configs and the packages its components import. `flwr run` walks the whole
 # folder it is given before filtering (the repository's .venv too: seconds).
@@ -40,6 +46,22 @@ APP_FILES = (
     "client_app",
     "persistence",
 )
+
+
+def launch_env(url: str = "", ray_address: str | None = None) -> dict[str, str]:
+    """Return the environment for the SuperLink: this one, DATABASE_URL, RAY_ADDRESS.
+
+    A server URL (it may hold a password) travels as DATABASE_URL, never in
+    the run config. Flower's simulation calls ``ray.init()`` without an
+    address, which Ray takes from RAY_ADDRESS: the configured cluster, or
+    ``local`` for a Ray of this run's own (never a cluster some other shell or
+    `ray start` left). Without arguments: the environment of the defaults.
+    """
+    env = dict(os.environ)
+    if url and not url.startswith("sqlite"):
+        env["DATABASE_URL"] = url
+    env["RAY_ADDRESS"] = ray_address or "local"
+    return env
 
 
 def lean_app(target: Path) -> Path:
@@ -121,6 +143,26 @@ class LocalSuperLink:
             stdout=log_path.open("wb"),
             stderr=subprocess.STDOUT,
         )
+
+    def use_env(self, env: Mapping[str, str]) -> None:
+        """Restart the SuperLink if it runs with another environment than ``env``.
+
+        `fedpneumo run` starts it before the config is composed, with the
+        defaults' environment (``launch_env()``), so that it boots while the
+        config and data are checked; a config that names a database server or
+        a Ray cluster of its own costs one more start.
+        """
+        # Only what launch_env sets is compared: imports may add variables of
+        # their own to os.environ meanwhile (flwr sets GRPC_VERBOSITY).
+        if all(env.get(key) == self.env.get(key) for key in LAUNCH_KEYS):
+            return
+        log.debug("restarting the SuperLink with the configured environment")
+        if self.proc is not None:
+            kill_tree(self.proc.pid)
+        self.env = flower_env(env, self.home)
+        self.port = free_port()
+        self.ready = False
+        self.start()
 
     def wait_ready(self) -> None:
         """Block until the SuperLink answers (once)."""

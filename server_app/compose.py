@@ -3,26 +3,21 @@
 Overrides are checked against the schema before Hydra sees them, so an unknown
 key or group option is reported in our words (naming the valid ones), and type
 errors come from OmegaConf's structured-config checks with the key they hit.
+Hydra is imported only where a config is composed: the ServerApp of
+`fedpneumo run` receives the composed config (``config_message``) instead.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, fields, is_dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
-from hydra.errors import (
-    ConfigCompositionException,
-    HydraException,
-    OverrideParseException,
-)
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -34,6 +29,9 @@ from server_app.config import (
     register_schema,
     validate,
 )
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_NAME = "config"
@@ -88,6 +86,9 @@ def _check_key(key: str) -> None:
 
 def parse_overrides(items: Sequence[str]) -> list[Override]:
     """Parse Hydra overrides; a syntax error is one line naming them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
     try:
         return OverridesParser.create().parse_overrides(list(items))
     except OverrideParseException as exc:
@@ -134,6 +135,9 @@ def explain(exc: OmegaConfBaseException) -> ConfigError:
 
 def compose_config(overrides: str | Sequence[str] = ()) -> Any:
     """Compose ``conf/config.yaml`` with overrides into a typed DictConfig."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, HydraException
+
     items = split_overrides(overrides)
     try:
         check_overrides(items)
@@ -184,6 +188,30 @@ def load_config(overrides: str | Sequence[str] = ()) -> AppConfig:
             line naming the key and what is valid.
     """
     return to_app_config(compose_config(overrides))
+
+
+def config_message(cfg: AppConfig) -> str:
+    """Return a composed config as JSON, for the ServerApp's run config ``config``.
+
+    A server URL may hold a password: it is left out and travels as
+    DATABASE_URL in the SuperLink's environment. A SQLite URL stays.
+    """
+    data = asdict(cfg)
+    url = data["db"]["url"]
+    if url and not url.startswith("sqlite"):
+        data["db"]["url"] = None
+    # JSON has quotes only in strings: a single one is escaped (\u0027), so
+    # the text travels as one TOML literal string (flower.run_config_value).
+    return json.dumps(data).replace("'", "\\u0027")
+
+
+def config_from_message(text: str) -> AppConfig:
+    """Rebuild the config ``config_message`` wrote, type-checked and validated."""
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"the run config's config is not JSON: {exc}") from None
+    return to_app_config(values)
 
 
 def resolve_paths(cfg: AppConfig, base: Path | None = None) -> AppConfig:

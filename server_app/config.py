@@ -15,8 +15,6 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-
 from persistence.errors import InputError
 from server_app.choices import (
     Backend,
@@ -226,6 +224,8 @@ class AppConfig:
 
 def register_schema() -> None:
     """Register ``AppConfig`` as the schema ``conf/config.yaml`` starts from."""
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name=SCHEMA_NAME, node=AppConfig)
 
 

@@ -27,7 +27,12 @@ from persistence.db import mask_url, upgrade_database
 from persistence.errors import FailedRunError
 from persistence.models import RunStatus
 from server_app.choices import PrivacyMode
-from server_app.compose import database_url, load_config, resolve_paths
+from server_app.compose import (
+    config_from_message,
+    database_url,
+    load_config,
+    resolve_paths,
+)
 from server_app.config import AppConfig, ConfigError, partition_label
 from server_app.evaluate import ServerEvaluator
 from server_app.factories import (
@@ -123,13 +128,18 @@ def prepare_session(
     Returns the config, the database URL (None without tracking), the resumed
     round state (empty for a new run) and the loaded data.
     """
-    overrides = str(context.run_config.get("overrides", ""))
     resume_id = int(context.run_config.get("resume-run-id", 0))
-    # `fedpneumo run` checked these overrides moments ago (same data, same
-    # partitions, database migrated): repeating it would delay round 1 by a
-    # second. A plain `flwr run .` gets every check here.
-    prechecked = bool(int(context.run_config.get("prechecked", 0)))
-    cfg = resolve_paths(load_config(overrides))
+    # `fedpneumo run` sends the config it composed and checked moments ago
+    # (same data, same partitions, database migrated): composing and checking
+    # it again would delay round 1 by a second. A plain `flwr run .` sends
+    # overrides, and gets every check here.
+    composed = str(context.run_config.get("config", ""))
+    prechecked = bool(composed)
+    if composed:
+        cfg = config_from_message(composed)
+    else:
+        overrides = str(context.run_config.get("overrides", ""))
+        cfg = resolve_paths(load_config(overrides))
     check_outputs(cfg)
     url = database_url(cfg) if cfg.tracking.enable_db else None
     if url and not prechecked:

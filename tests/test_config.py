@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from flwr.common.config import parse_config_args
 
-from fedpneumo.flower import free_port
+from fedpneumo.flower import free_port, run_config_value
 from server_app.compose import (
+    config_from_message,
     config_from_snapshot,
+    config_message,
     database_url,
     group_options,
     load_config,
+    resolve_paths,
     snapshot,
     split_overrides,
 )
@@ -108,6 +115,33 @@ def test_snapshot_hides_the_password_and_round_trips() -> None:
     current = load_config(["db.url=sqlite:////tmp/z.db"])
     again = config_from_snapshot(data, current)
     assert again.strategy == cfg.strategy and again.db.url == "sqlite:////tmp/z.db"
+
+
+def test_the_config_sent_to_the_server_app_round_trips_without_a_password() -> None:
+    cfg = resolve_paths(
+        load_config(["db.url=postgresql://alice:s3cret@h/db", "strategy=fedprox"])
+    )
+    cfg = replace(cfg, experiment_name='Bob\'s "quoted" run', num_rounds=7)
+    text = config_message(cfg)
+    assert "s3cret" not in text and "alice" not in text
+    # Read back as `flwr run --run-config` reads it, with Flower's own parser.
+    received = parse_config_args([f"config={run_config_value(text)}"])["config"]
+    assert config_from_message(received) == replace(cfg, db=replace(cfg.db, url=None))
+    # A SQLite URL holds no secret: the ServerApp uses the same file.
+    local = load_config(["db.url=sqlite:////tmp/y.db"])
+    assert config_from_message(config_message(local)).db.url == "sqlite:////tmp/y.db"
+    with pytest.raises(ConfigError, match="not JSON"):
+        config_from_message("{strategy: fedprox")
+
+
+def test_the_server_app_loads_without_hydra() -> None:
+    # `fedpneumo run` sends the composed config: the ServerApp does not pay
+    # Hydra's import while the simulation starts.
+    probe = "import sys, server_app.app; print('hydra' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize(

@@ -160,7 +160,12 @@ def run_session(
     """Run 3-client, 2-round sessions on a fresh database of a backend."""
     tmp = request.getfixturevalue("tmp_path_factory").mktemp(f"session-{backend}")
     url = make_db_url(backend, request, tmp)
-    result = run_cli(*small_run(data_file, tmp, *extra), env={"DATABASE_URL": url})
+    # SQLite as an override (the ServerApp must write to the file the CLI
+    # checked), PostgreSQL as deployments give it: DATABASE_URL.
+    if backend == "sqlite":
+        result = run_cli(*small_run(data_file, tmp, *extra, f"db.url={url}"))
+    else:
+        result = run_cli(*small_run(data_file, tmp, *extra), env={"DATABASE_URL": url})
     yield Session(result, url, tmp / "out")
     dispose_engines()
 
