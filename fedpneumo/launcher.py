@@ -135,8 +135,9 @@ class LocalSuperLink:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--database",
-                str(self.home / "state.db"),
+                # No --database: the state lives as long as this SuperLink,
+                # in memory (its SQLite file cost a write per log upload and
+                # twice the idle CPU).
             ],
             env=self.env,
             cwd=self.cwd,

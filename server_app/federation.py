@@ -6,6 +6,8 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -208,12 +210,16 @@ def run_session(grid: Grid, context: Context) -> None:
 
 
 def global_pos_weight(
-    grid: Grid, config: dict[str, Any], timeout_s: float = ROUND_TIMEOUT_S
+    grid: Grid,
+    config: dict[str, Any],
+    timeout_s: float = ROUND_TIMEOUT_S,
+    meanwhile: Callable[[], object] | None = None,
 ) -> float | None:
     """Ask every client for its training label counts; return negatives/positives.
 
     Only counts leave the hospitals. A client that cannot answer is left out
     (it would fail its rounds too); with no answer at all the run fails.
+    ``meanwhile`` runs on a worker thread while the clients answer.
     """
     messages = [
         Message(
@@ -223,7 +229,11 @@ def global_pos_weight(
         )
         for node_id in grid.get_node_ids()
     ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(meanwhile) if meanwhile is not None else None
+        replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+        if pending is not None:
+            pending.result()
     counts = [r.content[COUNTS_RECORD] for r in replies if not r.has_error()]
     if not counts:
         reasons = "; ".join(concise_reason(r.error.reason) for r in replies)
@@ -289,7 +299,15 @@ def _run_rounds(
     offset = evaluator.round_offset
     ins = instructions(cfg, recorder.run_id, url)
     if cfg.train.class_weighting:
-        pos_weight = global_pos_weight(grid, ins.to_config())
+        # Flower scores the initial model before round 1. Scored while the
+        # clients count their labels (the first message of a simulation waits
+        # for Ray to start), Flower's call reuses that score.
+        initial = evaluator.last_arrays if offset == 0 else None
+        pos_weight = global_pos_weight(
+            grid,
+            ins.to_config(),
+            meanwhile=None if initial is None else lambda: evaluator.score(0, initial),
+        )
         ins = replace(ins, pos_weight=pos_weight or 0.0)
     strategy = make_strategy(cfg, num_nodes)
     runner = wrap(cfg, strategy, strategy.min_train_nodes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import shlex
 from pathlib import Path
+from threading import get_ident
 from typing import Any
 
 import numpy as np
@@ -218,12 +219,24 @@ def test_clients_report_label_counts_for_one_global_class_weight(
     )
     ins = instructions(cfg, run_id=1, url=None)
     grid = LoopbackGrid(client_app, NUM_NODES)
+    threads: list[int] = []
     with serverapp_identity():
-        weight = global_pos_weight(grid, ins.to_config())
+        weight = global_pos_weight(
+            grid, ins.to_config(), meanwhile=lambda: threads.append(get_ident())
+        )
     spec = PartitionSpec.from_instructions(ins, NUM_NODES, str(data_file))
     labels = np.concatenate([client_split(spec, i)[0].labels for i in range(3)])
     assert weight == pytest.approx((labels == 0).sum() / (labels == 1).sum())
     assert 0.2 < weight < 0.6  # about 26 % normal images: neg/pos near 0.35
+    # The server's own work (scoring the initial model) ran beside the query,
+    # and its failure is the query's failure.
+    assert len(threads) == 1 and threads[0] != get_ident()
+
+    def broken() -> None:
+        raise RuntimeError("scoring failed")
+
+    with serverapp_identity(), pytest.raises(RuntimeError, match="scoring failed"):
+        global_pos_weight(grid, ins.to_config(), meanwhile=broken)
 
 
 def test_a_diverging_session_fails_with_the_clients_reason(
