@@ -81,15 +81,20 @@ def client_identifier(partition_id: int) -> str:
     return f"client-{partition_id}"
 
 
+def outputs_folder(ins: TrainInstructions, context: Context) -> Path:
+    """This node's outputs folder: its own (node config outputs-dir) or the run's."""
+    return Path(str(context.node_config.get("outputs-dir") or ins.outputs_dir))
+
+
 def make_collector(
     ins: TrainInstructions, context: Context, partition_id: int, num_examples: int
 ) -> MetricsCollectorCallback:
     """Attach the collector to the server's run id for this client and round."""
     identifier = client_identifier(partition_id)
-    outputs_dir = str(context.node_config.get("outputs-dir") or ins.outputs_dir)
+    outputs_dir = outputs_folder(ins, context)
     relay = ins.client_writes == "relay"
     return MetricsCollectorCallback(
-        Path(outputs_dir) / "runs" / str(ins.run_id) / "clients" / identifier,
+        outputs_dir / "runs" / str(ins.run_id) / "clients" / identifier,
         run_id=ins.run_id,
         training_mode="federated",
         enable_db_persistence=ins.enable_db,
@@ -132,7 +137,7 @@ def local_data(ins: TrainInstructions, context: Context) -> tuple[Split, Split]:
     # A SuperNode may hold its own copy of the data (--node-config data-path=...).
     data_path = str(context.node_config.get("data-path") or ins.data_path)
     spec = PartitionSpec.from_instructions(ins, num_partitions, data_path)
-    return client_split(spec, partition_id)
+    return client_split(spec, partition_id, outputs_folder(ins, context))
 
 
 @app.query()

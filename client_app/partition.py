@@ -7,13 +7,17 @@ actor serves many virtual clients one after another.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import io
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +35,9 @@ if TYPE_CHECKING:
 # should not pay their import.
 
 log = logging.getLogger(__name__)
+
+# Under the outputs folder: draws kept for the clients (see keep_partitions).
+PARTITIONS_DIR = "partitions"
 
 
 @dataclass(frozen=True)
@@ -128,14 +135,58 @@ def load_training_data(
     return load_data(path, image_size=image_size, limit=limit, seed=seed)
 
 
+def kept_partitions(spec: PartitionSpec, labels: np.ndarray, folder: Path) -> Path:
+    """Where a draw of ``spec`` over these train ``labels`` is kept under ``folder``.
+
+    A draw depends on nothing else (``draw_partitions``), so the name hashes
+    exactly that: another setting, or data with other labels, never reads it.
+    """
+    digest = hashlib.sha256(repr(spec).encode())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return folder / PARTITIONS_DIR / f"{digest.hexdigest()[:24]}.npz"
+
+
+def keep_partitions(
+    spec: PartitionSpec,
+    labels: np.ndarray,
+    folder: Path,
+    partitions: tuple[np.ndarray, ...],
+) -> None:
+    """Keep a draw for the clients (best effort: they draw it again without it)."""
+    target = kept_partitions(spec, labels, folder)
+    buffer = io.BytesIO()
+    np.savez(buffer, *partitions)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("cannot keep the partitions under %s (%s)", folder, exc.strerror)
+
+
 @lru_cache(maxsize=4)
-def partition_indices(spec: PartitionSpec) -> tuple[np.ndarray, ...]:
-    """Return the train-split row indices of every partition (cached)."""
+def partition_indices(
+    spec: PartitionSpec, folder: Path | None = None
+) -> tuple[np.ndarray, ...]:
+    """Return the train-split row indices of every partition (cached).
+
+    A draw the launcher kept under ``folder`` (``keep_partitions``) is read
+    instead of drawn again: each Ray worker would otherwise import ``datasets``
+    (about a second) before its first reply.
+    """
     labels = (
         load_training_data(spec.data_path, spec.limit, spec.image_size, spec.seed)
         .split("train")
         .labels
     )
+    kept = kept_partitions(spec, labels, folder) if folder is not None else None
+    if kept is not None and kept.is_file():
+        with np.load(kept) as arrays:
+            partitions = tuple(arrays[f"arr_{i}"] for i in range(len(arrays.files)))
+        if len(partitions) == spec.num_partitions:
+            return partitions
     return draw_partitions(spec, labels)
 
 
@@ -180,8 +231,13 @@ def draw_partitions(spec: PartitionSpec, labels: np.ndarray) -> tuple[np.ndarray
         ) from None
 
 
-def client_split(spec: PartitionSpec, partition_id: int) -> tuple[Split, Split]:
-    """Return one client's (train, local validation) data."""
+def client_split(
+    spec: PartitionSpec, partition_id: int, folder: Path | None = None
+) -> tuple[Split, Split]:
+    """Return one client's (train, local validation) data.
+
+    ``folder``: where the launcher may have kept the draw (the outputs folder).
+    """
     if not 0 <= partition_id < spec.num_partitions:
         raise ValueError(
             f"partition-id {partition_id} is outside 0..{spec.num_partitions - 1}"
@@ -189,7 +245,7 @@ def client_split(spec: PartitionSpec, partition_id: int) -> tuple[Split, Split]:
     train = load_training_data(
         spec.data_path, spec.limit, spec.image_size, spec.seed
     ).split("train")
-    rows = partition_indices(spec)[partition_id]
+    rows = partition_indices(spec, folder)[partition_id]
     rng = np.random.default_rng([spec.partition_seed, partition_id])
     rows = rng.permutation(rows)
     n_val = int(round(len(rows) * spec.val_fraction)) if len(rows) > 1 else 0

@@ -7,13 +7,14 @@ config key means the same thing in a federated and a centralized run.
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from client_app.data import XrayData, load_data
 from client_app.messages import TrainInstructions
-from client_app.partition import PartitionSpec, draw_partitions
+from client_app.partition import PartitionSpec, draw_partitions, keep_partitions
 from persistence.db import upgrade_database
 from server_app.compose import database_url
 from server_app.config import AppConfig, ConfigError, partition_seed
@@ -151,6 +152,9 @@ def check_partitions(cfg: AppConfig, train_labels: np.ndarray) -> list[int]:
         cfg.data.path or "",
     )
     try:
-        return [len(rows) for rows in draw_partitions(spec, train_labels)]
+        partitions = draw_partitions(spec, train_labels)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    # The clients read this draw instead of drawing it again.
+    keep_partitions(spec, train_labels, Path(cfg.outputs_dir), partitions)
+    return [len(rows) for rows in partitions]

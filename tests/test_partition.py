@@ -5,15 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client_app.data import SYNTHETIC, DataError, make_synthetic
-from client_app.partition import PartitionSpec, client_split, draw_partitions
-from server_app.compose import load_config
+from client_app.partition import (
+    PartitionSpec,
+    client_split,
+    draw_partitions,
+    kept_partitions,
+)
+from server_app.compose import load_config, resolve_paths
 from server_app.config import ConfigError
-from server_app.factories import check_partitions
+from server_app.factories import check_partitions, configured_data, instructions
 
 NAMES = ("iid", "dirichlet", "pathological")
 
@@ -143,9 +149,59 @@ def test_client_split_rejects_an_unknown_partition_id() -> None:
         client_split(make_spec(num_partitions=4), 4)
 
 
-def test_check_partitions_returns_each_clients_share(labels: np.ndarray) -> None:
-    cfg = load_config(["partition=iid", "simulation.num_supernodes=4"])
+def test_check_partitions_returns_each_clients_share(
+    labels: np.ndarray, tmp_path: Path
+) -> None:
+    cfg = load_config(
+        ["partition=iid", "simulation.num_supernodes=4", f"outputs_dir={tmp_path}"]
+    )
     assert check_partitions(cfg, labels) == [75, 75, 75, 75]
+
+
+def test_clients_read_the_launchers_draw_without_importing_datasets(
+    data_file: Path, tmp_path: Path
+) -> None:
+    cfg = resolve_paths(
+        load_config(
+            [
+                f"data.path={data_file}",
+                "simulation.num_supernodes=3",
+                f"outputs_dir={tmp_path}",
+            ]
+        )
+    )
+    train = configured_data(cfg).split("train")
+    sizes = check_partitions(cfg, train.labels)
+    (kept,) = (tmp_path / "partitions").iterdir()
+    spec = PartitionSpec.from_instructions(
+        instructions(cfg, run_id=0, url=None), len(sizes), str(data_file)
+    )
+    assert kept == kept_partitions(spec, train.labels, tmp_path)
+    # A client process: the kept draw first, then a draw of its own.
+    probe = f"""
+import sys
+from pathlib import Path
+from client_app.partition import PartitionSpec, client_split, partition_indices
+spec = {spec!r}
+kept = [client_split(spec, i, Path({str(tmp_path)!r})) for i in range({len(sizes)})]
+print("datasets" in sys.modules)
+partition_indices.cache_clear()
+drawn = [client_split(spec, i) for i in range({len(sizes)})]
+same = all(
+    (a.images == b.images).all() and (a.labels == b.labels).all()
+    for k, d in zip(kept, drawn) for a, b in zip(k, d)
+)
+print([len(t) + len(v) for t, v in kept], same)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    imported, shares = result.stdout.split("\n")[:2]
+    assert imported == "False"
+    assert shares == f"{sizes} True"
+    # Another setting, or other labels, never reads this draw.
+    assert kept_partitions(replace(spec, alpha=0.3), train.labels, tmp_path) != kept
+    assert kept_partitions(spec, train.labels[::-1].copy(), tmp_path) != kept
 
 
 @pytest.mark.parametrize(
