@@ -12,7 +12,6 @@ import importlib
 import importlib.util
 import io
 import logging
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from client_app.data import DataError, Split, XrayData, load_data
+from client_app.files import write_file_atomically
 from client_app.messages import TrainInstructions
 
 if TYPE_CHECKING:
@@ -156,13 +156,10 @@ def keep_partitions(
     target = kept_partitions(spec, labels, folder)
     buffer = io.BytesIO()
     np.savez(buffer, *partitions)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(buffer.getvalue())
-        tmp.replace(target)
+        write_file_atomically(target, buffer.getvalue())
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         log.warning("cannot keep the partitions under %s (%s)", folder, exc.strerror)
 
 

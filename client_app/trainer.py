@@ -26,6 +26,7 @@ from torch import nn
 
 from client_app import model as models
 from client_app.data import Split
+from client_app.files import write_file_atomically
 from client_app.loaders import DeviceSplit, EpochOrder
 from client_app.metrics import binary_metrics, youden_threshold
 from persistence.errors import FailedRunError, InputError
@@ -379,18 +380,6 @@ def serialized(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def write_file_atomically(path: Path, data: bytes) -> None:
-    """Write data to path through a temp file and a rename; no half file remains."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(

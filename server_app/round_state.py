@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from client_app.trainer import serialized, write_file_atomically
+from client_app.files import write_file_atomically
+from client_app.trainer import serialized
 from server_app.config import ConfigError
 
 ROUND_STATE = "round_state.pt"
